@@ -1,0 +1,113 @@
+"""Combination rules: r = C(p_1, ..., p_n), batched over positions.
+
+Every rule maps the members' raw logits ``member_logits`` ``[num_models, num_tokens, vocab]``
+to ``combined_logits`` ``[num_tokens, vocab]``: log r up to an additive constant per row.
+The request's temperature / top-k / top-p are applied afterwards, once, to r
+(:func:`vllm_cos.sampling.apply_sampling_params`).
+
+Rules are chosen by name from ``RULES`` or, for a user's function, by an import path
+``module:function`` (never eval).  A custom function declares whether it takes
+probabilities or logits; it returns a tensor of the same kind, shape ``[num_tokens, vocab]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+CombineFn = Callable[[torch.Tensor], torch.Tensor]
+
+# name -> builder(rule_config, model_names) -> CombineFn
+RULES: dict[str, Callable[..., CombineFn]] = {}
+
+
+def register_rule(name: str):
+    def decorate(builder):
+        RULES[name] = builder
+        return builder
+    return decorate
+
+
+def weighted_ensemble(
+    member_logits: torch.Tensor,  # [num_models, num_tokens, vocab]
+    weights: torch.Tensor,  # [num_models], sums to 1
+) -> torch.Tensor:  # [num_tokens, vocab] = log(sum_k w_k softmax(l_k))
+    member_logprobs = torch.log_softmax(member_logits.float(), dim=-1)
+    log_weights = torch.log(weights.float().to(member_logits.device)).view(-1, 1, 1)
+    return torch.logsumexp(member_logprobs + log_weights, dim=0)
+
+
+def contrastive(
+    member_logits: torch.Tensor,  # [num_models, num_tokens, vocab]
+    expert: int,
+    amateur: int,
+    mu: float,
+) -> torch.Tensor:  # [num_tokens, vocab] = l_expert - mu * l_amateur
+    expert_logits = member_logits[expert].float()
+    amateur_logits = member_logits[amateur].float()
+    # A token masked (-inf) for either model stays masked.
+    masked = torch.isinf(expert_logits) | torch.isinf(amateur_logits)
+    combined = expert_logits - mu * amateur_logits
+    return combined.masked_fill(masked, float("-inf"))
+
+
+@register_rule("weighted_ensemble")
+def _build_weighted_ensemble(rule, model_names: list[str]) -> CombineFn:
+    weights = torch.tensor([rule.weights[name] for name in model_names], dtype=torch.float32)
+    return lambda member_logits: weighted_ensemble(member_logits, weights)
+
+
+@register_rule("contrastive")
+def _build_contrastive(rule, model_names: list[str]) -> CombineFn:
+    expert, amateur = model_names.index(rule.expert), model_names.index(rule.amateur)
+    return lambda member_logits: contrastive(member_logits, expert, amateur, rule.mu)
+
+
+@register_rule("custom")
+def _build_custom(rule, model_names: list[str]) -> CombineFn:
+    function = load_function(rule.function)
+    params = dict(rule.params)
+    if rule.inputs == "probs":
+        def combine_probs(member_logits):
+            member_probs = torch.softmax(member_logits.float(), dim=-1)
+            return torch.log(function(member_probs, **params).float())
+        return combine_probs
+    return lambda member_logits: function(member_logits.float(), **params).float()
+
+
+def load_function(import_path: str) -> Callable:
+    """Resolve ``package.module:function``; raises ValueError naming the path."""
+    module_name, sep, attr = import_path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"custom rule function {import_path!r} must look like 'module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"custom rule function {import_path!r}: cannot import {module_name!r} ({exc})") from exc
+    target = module
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"custom rule function {import_path!r}: {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"custom rule function {import_path!r} is not callable")
+    return target
+
+
+@dataclass(frozen=True)
+class Combiner:
+    """A combination rule bound to the order of the collaborating models."""
+
+    model_names: tuple[str, ...]
+    fn: CombineFn
+
+    def __call__(self, member_logits: torch.Tensor) -> torch.Tensor:
+        return self.fn(member_logits)  # [num_tokens, vocab]
+
+
+def build_combiner(rule, model_names) -> Combiner:
+    names = list(model_names)
+    return Combiner(tuple(names), RULES[rule.name](rule, names))

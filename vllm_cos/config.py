@@ -1,0 +1,299 @@
+"""CoS configuration: one frozen, typed dataclass loaded from YAML (or a dict).
+
+Example (``configs/we-alternate.yaml``)::
+
+    models:
+      - {name: large, path: ../models/tiny/large, gamma: 1}
+      - {name: small, path: ../models/tiny/small, gamma: 3}
+    target: large            # the model vLLM serves (default: the first one)
+    rule: {name: weighted_ensemble, weights: {large: 0.5, small: 0.5}}
+    schedule: alternate      # standard | naive | alternate
+    proposer: small          # naive: the fixed proposer; alternate: who drafts first / after a rejection
+
+Relative model paths are resolved against the YAML file's directory (for a dict: the
+current directory).  Every invalid value raises :class:`ConfigError` with a message that
+names the field, e.g. ``cos config: models[1].gamma: must be >= 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+SCHEDULES = ("standard", "naive", "alternate")
+PROPOSALS = ("tempered", "raw")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+CUSTOM_INPUTS = ("probs", "logits")
+
+
+class ConfigError(ValueError):
+    """An invalid CoS configuration; the message names the offending field."""
+
+    def __init__(self, field_name: str, problem: str):
+        super().__init__(f"cos config: {field_name}: {problem}")
+        self.field = field_name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str  # resolved, existing directory
+    gamma: int = 1  # tokens this model proposes per invocation (0: it only scores)
+    dtype: str = "auto"
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    name: str  # weighted_ensemble | contrastive | custom
+    weights: Mapping[str, float] = field(default_factory=dict)  # weighted_ensemble
+    expert: str | None = None  # contrastive
+    amateur: str | None = None  # contrastive
+    mu: float = 0.0  # contrastive
+    function: str | None = None  # custom: "module:function"
+    inputs: str = "probs"  # custom: probs | logits
+    params: Mapping[str, Any] = field(default_factory=dict)  # custom: keyword arguments
+
+
+@dataclass(frozen=True)
+class CoSConfig:
+    models: tuple[ModelSpec, ...]
+    rule: RuleSpec
+    target: str
+    schedule: str = "alternate"
+    proposer: str | None = None  # resolved in validation
+    proposal: str = "tempered"  # proposal q: the proposer's own p tempered like r, or raw
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.models)
+
+    def index(self, name: str) -> int:
+        return self.model_names.index(name)
+
+    @property
+    def gammas(self) -> tuple[int, ...]:
+        return tuple(m.gamma for m in self.models)
+
+    def to_dict(self) -> dict:
+        """Plain-data form (round-trips through :func:`load_config`)."""
+        return {
+            "models": [dict(name=m.name, path=m.path, gamma=m.gamma, dtype=m.dtype) for m in self.models],
+            "target": self.target,
+            "rule": _rule_to_dict(self.rule),
+            "schedule": self.schedule,
+            "proposer": self.proposer,
+            "proposal": self.proposal,
+        }
+
+
+def _rule_to_dict(rule: RuleSpec) -> dict:
+    if rule.name == "weighted_ensemble":
+        return {"name": rule.name, "weights": dict(rule.weights)}
+    if rule.name == "contrastive":
+        return {"name": rule.name, "expert": rule.expert, "amateur": rule.amateur, "mu": rule.mu}
+    return {"name": rule.name, "function": rule.function, "inputs": rule.inputs, "params": dict(rule.params)}
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_config(source: str | os.PathLike | Mapping[str, Any]) -> CoSConfig:
+    """Load from a YAML file path, a YAML/JSON string, or a mapping."""
+    base_dir = Path.cwd()
+    if isinstance(source, Mapping):
+        raw = source
+    else:
+        text, base_dir = _read_source(source)
+        import yaml
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError("<file>", f"not valid YAML: {exc}") from None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("<top level>", f"must be a mapping, got {type(raw).__name__}")
+    return _parse(raw, base_dir)
+
+
+def _read_source(source) -> tuple[str, Path]:
+    path = Path(source)
+    text = str(source)
+    if "\n" not in text and (path.suffix in (".yaml", ".yml", ".json") or path.exists()):
+        if not path.is_file():
+            raise ConfigError("<file>", f"{text} does not exist")
+        return path.read_text(), path.resolve().parent
+    return text, Path.cwd()
+
+
+def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
+    _check_keys(raw, "<top level>", required={"models", "rule"},
+                optional={"target", "schedule", "proposer", "proposal"})
+    models = _parse_models(raw["models"], base_dir)
+    names = [m.name for m in models]
+
+    target = raw.get("target", names[0])
+    _check_name(target, names, "target")
+
+    schedule = _choice(raw.get("schedule", "alternate"), SCHEDULES, "schedule")
+    proposal = _choice(raw.get("proposal", "tempered"), PROPOSALS, "proposal")
+    rule = _parse_rule(raw["rule"], names)
+
+    proposer = raw.get("proposer")
+    if proposer is None:
+        proposer = _default_proposer(models, target)
+    _check_name(proposer, names, "proposer")
+
+    if schedule == "naive" and models[names.index(proposer)].gamma < 1:
+        raise ConfigError(f"models[{names.index(proposer)}].gamma",
+                          f"the naive proposer {proposer!r} needs gamma >= 1")
+    if schedule == "alternate":
+        for i, m in enumerate(models):
+            if m.gamma < 1:
+                raise ConfigError(f"models[{i}].gamma",
+                                  f"schedule 'alternate' needs gamma >= 1 for every model, {m.name!r} has {m.gamma}")
+    return CoSConfig(models=tuple(models), rule=rule, target=target, schedule=schedule,
+                     proposer=proposer, proposal=proposal)
+
+
+def _default_proposer(models: list[ModelSpec], target: str) -> str:
+    """The first non-target model: the served model is usually the expensive one."""
+    for m in models:
+        if m.name != target:
+            return m.name
+    return target
+
+
+def _parse_models(raw, base_dir: Path) -> list[ModelSpec]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("models", "must be a non-empty list of {name, path, gamma, dtype}")
+    if len(raw) < 2:
+        raise ConfigError("models", f"collaborative decoding needs at least 2 models, got {len(raw)}")
+    models: list[ModelSpec] = []
+    seen_names: dict[str, int] = {}
+    seen_paths: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        where = f"models[{i}]"
+        if isinstance(item, str):
+            item = {"path": item}
+        if not isinstance(item, Mapping):
+            raise ConfigError(where, f"must be a mapping with a path, got {type(item).__name__}")
+        _check_keys(item, where, required={"path"}, optional={"name", "gamma", "dtype"})
+        path_value = item["path"]
+        if not isinstance(path_value, str) or not path_value:
+            raise ConfigError(f"{where}.path", "must be a non-empty string")
+        path = Path(os.path.expanduser(path_value))
+        if not path.is_absolute():
+            path = base_dir / path
+        if not path.is_dir():
+            raise ConfigError(f"{where}.path", f"model directory {str(path)!r} does not exist")
+        path_str = str(path.resolve())
+        name = item.get("name", path.resolve().name)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{where}.name", "must be a non-empty string")
+        gamma = item.get("gamma", 1)
+        if isinstance(gamma, bool) or not isinstance(gamma, int):
+            raise ConfigError(f"{where}.gamma", f"must be an integer, got {gamma!r}")
+        if gamma < 0:
+            raise ConfigError(f"{where}.gamma", f"must be >= 0, got {gamma}")
+        dtype = _choice(item.get("dtype", "auto"), DTYPES, f"{where}.dtype")
+        if name in seen_names:
+            raise ConfigError(f"{where}.name", f"model {name!r} is listed twice (also models[{seen_names[name]}])")
+        if path_str in seen_paths:
+            raise ConfigError(f"{where}.path", f"{path_str!r} is listed twice (also models[{seen_paths[path_str]}])")
+        seen_names[name], seen_paths[path_str] = i, i
+        models.append(ModelSpec(name=name, path=path_str, gamma=gamma, dtype=dtype))
+    return models
+
+
+def _parse_rule(raw, names: list[str]) -> RuleSpec:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("rule", f"must be a mapping with a name, got {type(raw).__name__}")
+    if "name" not in raw:
+        raise ConfigError("rule.name", "missing (weighted_ensemble | contrastive | custom)")
+    name = raw["name"]
+    if name == "weighted_ensemble":
+        _check_keys(raw, "rule", required={"name"}, optional={"weights"})
+        return RuleSpec(name=name, weights=_parse_weights(raw.get("weights"), names))
+    if name == "contrastive":
+        _check_keys(raw, "rule", required={"name", "expert", "amateur", "mu"}, optional=set())
+        expert, amateur = raw["expert"], raw["amateur"]
+        _check_name(expert, names, "rule.expert")
+        _check_name(amateur, names, "rule.amateur")
+        if expert == amateur:
+            raise ConfigError("rule.amateur", f"must differ from rule.expert ({expert!r})")
+        mu = _number(raw["mu"], "rule.mu")
+        if mu < 0:
+            raise ConfigError("rule.mu", f"must be >= 0, got {mu}")
+        return RuleSpec(name=name, expert=expert, amateur=amateur, mu=mu)
+    if name == "custom":
+        _check_keys(raw, "rule", required={"name", "function", "inputs"}, optional={"params"})
+        function = raw["function"]
+        if not isinstance(function, str) or function.count(":") != 1:
+            raise ConfigError("rule.function", f"must be an import path 'module:function', got {function!r}")
+        from vllm_cos.combine import load_function
+
+        try:
+            load_function(function)
+        except ValueError as exc:
+            raise ConfigError("rule.function", str(exc)) from None
+        inputs = _choice(raw["inputs"], CUSTOM_INPUTS, "rule.inputs")
+        params = raw.get("params", {})
+        if not isinstance(params, Mapping):
+            raise ConfigError("rule.params", f"must be a mapping, got {type(params).__name__}")
+        return RuleSpec(name=name, function=function, inputs=inputs, params=dict(params))
+    raise ConfigError("rule.name", f"unknown rule {name!r} (weighted_ensemble | contrastive | custom)")
+
+
+def _parse_weights(raw, names: list[str]) -> dict[str, float]:
+    if raw is None:
+        return {n: 1.0 / len(names) for n in names}
+    if isinstance(raw, list):
+        if len(raw) != len(names):
+            raise ConfigError("rule.weights", f"has {len(raw)} entries for {len(names)} models")
+        raw = dict(zip(names, raw))
+    if not isinstance(raw, Mapping):
+        raise ConfigError("rule.weights", f"must be a mapping model -> weight or a list, got {type(raw).__name__}")
+    for key in raw:
+        _check_name(key, names, f"rule.weights.{key}")
+    weights = {n: _number(raw.get(n, 0.0), f"rule.weights.{n}") for n in names}
+    for n, w in weights.items():
+        if w < 0:
+            raise ConfigError(f"rule.weights.{n}", f"must be >= 0, got {w}")
+    total = sum(weights.values())
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise ConfigError("rule.weights", f"must sum to 1, got {total:g}")
+    return weights
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _check_keys(raw: Mapping, where: str, required: set[str], optional: set[str]) -> None:
+    for key in raw:
+        if key not in required and key not in optional:
+            allowed = ", ".join(sorted(required | optional))
+            raise ConfigError(f"{where}.{key}" if where != "<top level>" else str(key),
+                              f"unknown key (allowed: {allowed})")
+    for key in sorted(required):
+        if key not in raw:
+            raise ConfigError(f"{where}.{key}" if where != "<top level>" else key, "missing")
+
+
+def _check_name(value, names: list[str], where: str) -> None:
+    if value not in names:
+        raise ConfigError(where, f"{value!r} is not one of the models ({', '.join(names)})")
+
+
+def _choice(value, allowed: tuple[str, ...], where: str) -> str:
+    if value not in allowed:
+        raise ConfigError(where, f"must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(where, f"must be a number, got {value!r}")
+    return float(value)
