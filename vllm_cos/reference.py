@@ -149,14 +149,16 @@ class ReferenceDecoder:
             for r, k in zip(active, models):
                 self._score(r, k, stats[r.index])
             rejected = self._verify(active, stats, eos_token_id)
+            proposers = []
             for r, k, rej in zip(active, models, rejected):
                 if r.done:
                     continue
                 if rej:
                     r.cursor = 0
                     continue
-                self._propose(r, k, stats[r.index])
+                proposers.append((r, k))
                 r.cursor = self.schedule.next_position(r.cursor)
+            self._propose(proposers, stats)
             active = [r for r in active if not r.done]
         elapsed = time.perf_counter() - start
         for s in stats:
@@ -203,12 +205,7 @@ class ReferenceDecoder:
         # [n, rows * (max_drafts + 1), vocab] -> combined -> tempered r
         combined_logits = self.combiner(torch.cat(member_logits, dim=1))
         per_row = max_drafts + 1
-        target_probs = apply_sampling_params(
-            combined_logits,
-            torch.tensor([p.temperature for p in params]).repeat_interleave(per_row),
-            torch.tensor([p.top_k for p in params]).repeat_interleave(per_row),
-            torch.tensor([p.top_p for p in params]).repeat_interleave(per_row),
-        ).view(len(rows), per_row, vocab)
+        target_probs = _tempered(combined_logits, params, per_row).view(len(rows), per_row, vocab)
         draft_ids = torch.tensor(
             [[e.token for e in active[i].ledger.entries[: ready[i][0]]] + [0] * (max_drafts - ready[i][0])
              for i in rows], dtype=torch.long).view(len(rows), max_drafts)
@@ -248,24 +245,37 @@ class ReferenceDecoder:
                 r.done = True
                 return
 
-    def _propose(self, r: _Request, k: int, stats: DecodeStats) -> None:
-        budget = r.spec.max_tokens - len(r.output) - r.ledger.num_proposed
-        for _ in range(min(self.schedule.gammas[k], budget)):
-            if not r.ledger.has_scored_frontier(k):
-                sequence = r.context + r.ledger.pending_tokens()
-                logits = self._forward(r, k, sequence[r.seen[k]:], stats)
-                r.ledger.add_scores(k, r.ledger.num_proposed, logits[-1:])
-            raw = r.ledger.frontier_logits(k).unsqueeze(0)  # [1, vocab]
-            q = self._proposal_probs(raw, r.spec)
-            token = int(sample_from_probs(q, draw_uniforms([1], [r.generator])[0])[0])
-            r.ledger.propose(k, token, q[0])
-            stats.proposed += 1
+    def _propose(self, proposers: list[tuple[_Request, int]], stats: list[DecodeStats]) -> None:
+        """Each (request, model) proposes gamma_model tokens; rows advance in lockstep."""
+        budgets = [min(self.schedule.gammas[k], r.spec.max_tokens - len(r.output) - r.ledger.num_proposed)
+                   for r, k in proposers]
+        for step in range(max(budgets, default=0)):
+            rows = [(r, k) for (r, k), budget in zip(proposers, budgets) if step < budget]
+            for r, k in rows:
+                if not r.ledger.has_scored_frontier(k):
+                    sequence = r.context + r.ledger.pending_tokens()
+                    logits = self._forward(r, k, sequence[r.seen[k]:], stats[r.index])
+                    r.ledger.add_scores(k, r.ledger.num_proposed, logits[-1:])
+            raw_logits = torch.stack([r.ledger.frontier_logits(k) for r, k in rows])  # [rows, vocab]
+            proposal_probs = self._proposal_probs(raw_logits, [r.spec for r, _ in rows])
+            uniforms = torch.cat(draw_uniforms([1] * len(rows), [r.generator for r, _ in rows]))
+            tokens = sample_from_probs(proposal_probs, uniforms).tolist()
+            for (r, k), token, q in zip(rows, tokens, proposal_probs):
+                r.ledger.propose(k, token, q)
+                stats[r.index].proposed += 1
 
-    def _proposal_probs(self, raw_logits: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+    def _proposal_probs(self, raw_logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
         if self.config.proposal == "raw":
             return torch.softmax(raw_logits, dim=-1)
-        return apply_sampling_params(raw_logits, torch.tensor([spec.temperature]),
-                                     torch.tensor([spec.top_k]), torch.tensor([spec.top_p]))
+        return _tempered(raw_logits, specs)
+
+
+def _tempered(logits: torch.Tensor, specs: list[SamplingSpec], rows_per_spec: int = 1) -> torch.Tensor:
+    """apply_sampling_params with each request's parameters repeated over its rows."""
+    def column(values):
+        return torch.tensor(values).repeat_interleave(rows_per_spec)
+    return apply_sampling_params(logits, column([s.temperature for s in specs]),
+                                 column([s.top_k for s in specs]), column([s.top_p for s in specs]))
 
 
 def generate(config: CoSConfig, prompts: list[list[int]], max_tokens: int, temperature: float = 0.0,
