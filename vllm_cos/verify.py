@@ -52,10 +52,12 @@ def verify(
 
     # Two uniforms per position and row: one to accept, one to sample.  A seeded row
     # draws exactly 2 * (num_drafts + 1) numbers from its own generator.
-    counts = [2 * (int(n) + 1) for n in num_drafts.tolist()]
-    uniforms = torch.zeros(batch, max_drafts + 1, 2, dtype=torch.float64, device=device)
-    for b, u in enumerate(draw_uniforms(counts, generators, device)):
-        uniforms[b, : counts[b] // 2] = u.view(-1, 2)
+    uniforms = torch.rand(batch, max_drafts + 1, 2, dtype=torch.float64, device=device)
+    seeded = [b for b, g in enumerate(generators or []) if g is not None]
+    if seeded:
+        counts = [2 * (int(num_drafts[b]) + 1) for b in seeded]
+        for b, count, u in zip(seeded, counts, draw_uniforms(counts, [generators[b] for b in seeded], device)):
+            uniforms[b, : count // 2] = u.view(-1, 2)
     accept_u, sample_u = uniforms[..., 0], uniforms[..., 1]  # [batch, max_drafts + 1]
 
     positions = torch.arange(max_drafts, device=device)
