@@ -70,12 +70,17 @@ def _build_contrastive(rule, model_names: list[str]) -> CombineFn:
 def _build_custom(rule, model_names: list[str]) -> CombineFn:
     function = load_function(rule.function)
     params = dict(rule.params)
-    if rule.inputs == "probs":
-        def combine_probs(member_logits):
-            member_probs = torch.softmax(member_logits.float(), dim=-1)
-            return torch.log(function(member_probs, **params).float())
-        return combine_probs
-    return lambda member_logits: function(member_logits.float(), **params).float()
+
+    def combine_custom(member_logits):  # [num_models, num_tokens, vocab]
+        inputs = torch.softmax(member_logits.float(), dim=-1) if rule.inputs == "probs" else member_logits.float()
+        result = function(inputs, **params)
+        if not isinstance(result, torch.Tensor) or result.shape != member_logits.shape[1:]:
+            shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+            raise ValueError(f"custom rule {rule.function}: must return [num_tokens, vocab] = "
+                             f"{tuple(member_logits.shape[1:])}, got {shape}")
+        return torch.log(result.float()) if rule.inputs == "probs" else result.float()
+
+    return combine_custom
 
 
 def load_function(import_path: str) -> Callable:
