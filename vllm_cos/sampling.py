@@ -26,8 +26,10 @@ def apply_sampling_params(
     greedy = temperature <= 0
     safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
     scaled = logits / safe_temperature.float().unsqueeze(-1)
-    if top_k is not None or top_p is not None:
-        scaled = _mask_top_k_top_p(scaled, top_k, top_p)
+    uses_top_k = top_k is not None and bool(((top_k > 0) & (top_k < logits.shape[-1])).any())
+    uses_top_p = top_p is not None and bool((top_p < 1).any())
+    if uses_top_k or uses_top_p:
+        scaled = _mask_top_k_top_p(scaled, top_k if uses_top_k else None, top_p if uses_top_p else None)
     probs = torch.softmax(scaled, dim=-1)
     if bool(greedy.any()):
         one_hot = torch.zeros_like(probs)
