@@ -1,0 +1,79 @@
+"""Hook: ``EngineArgs`` accepts a CoS file/dict as ``speculative_config``.
+
+vLLM internals touched (vllm/engine/arg_utils.py):
+- ``EngineArgs.add_cli_args``: after the stock parser is built, the ``--speculative-config``
+  action's ``type`` (stock: ``json.loads``) also accepts a CoS YAML path.
+- ``EngineArgs.create_engine_config``: before the stock method runs, a CoS spec in
+  ``self.speculative_config`` is replaced by the stock arguments that realise it
+  (:func:`vllm_cos.engine.prepare_engine`), and the CoS config is put into
+  ``self.additional_config["cos"]`` which reaches every process inside ``VllmConfig``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from vllm_cos import engine
+
+logger = logging.getLogger("vllm_cos")
+
+_installed = False
+
+
+def _cli_type(value: str):
+    try:
+        return engine.parse_cli_value(value)
+    except ValueError as exc:  # ConfigError is a ValueError
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def apply_cos(args) -> bool:
+    """Rewrite an ``EngineArgs`` in place if its speculative config is a CoS spec."""
+    spec = args.speculative_config
+    if spec is None or not engine.is_cos_spec(spec):
+        return False
+    cfg, overrides = engine.prepare_engine(spec, args.model, async_scheduling=args.async_scheduling)
+    hf_overrides = overrides.pop("hf_overrides", None)
+    if hf_overrides is not None:
+        existing = args.hf_overrides
+        if callable(existing):
+            raise engine.CoSStartupError("cos: schedule 'standard' cannot be combined with a callable hf_overrides")
+        args.hf_overrides = {**(existing or {}), **hf_overrides}
+    additional = dict(args.additional_config or {})
+    additional.update(overrides.pop("additional_config"))
+    args.additional_config = additional
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    logger.info("cos: %s schedule, rule %s, models %s (served: %s)", cfg.schedule, cfg.rule.name,
+                ", ".join(f"{m.name}(gamma {m.gamma})" for m in cfg.models), cfg.target)
+    return True
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    import os
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    stock_add_cli_args = EngineArgs.add_cli_args
+    stock_create_engine_config = EngineArgs.create_engine_config
+
+    def add_cli_args(parser, *args, **kwargs):
+        parser = stock_add_cli_args(parser, *args, **kwargs)
+        action = parser._option_string_actions.get("--speculative-config")
+        if action is not None:
+            action.type = _cli_type
+        return parser
+
+    def create_engine_config(self, *args, **kwargs):
+        if apply_cos(self):
+            # V1 runner: the one the CoS hooks are written for (see engine.SUPPORTED_RUNNER).
+            os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+        return stock_create_engine_config(self, *args, **kwargs)
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+    _installed = True

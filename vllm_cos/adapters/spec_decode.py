@@ -1,0 +1,471 @@
+"""Hook: naive / alternate CoS on vLLM's ``draft_model`` speculative decoding (V1 runner).
+
+Supported runner: see :data:`vllm_cos.engine.SUPPORTED_RUNNER` (checked in
+:meth:`CoSProposer.load_model`).
+
+One engine step, per request (row); T = the served model, D = the other collaborator:
+
+1. T scores its window ``[t0, d_1..d_k]`` (k drafts proposed by D in the previous step).
+2. :class:`CoSRejectionSampler` (``runner.rejection_sampler``) builds
+   r_j = C(T raw logits, D raw logits) at every draft position (D's raw logits were kept by
+   the proposer when it drafted), tempers r with the request's sampling parameters, and calls
+   :func:`vllm_cos.verify.verify` with the distributions the drafts were really sampled
+   from.  On a rejection it emits the residual token.  If every draft is accepted it samples
+   a *bonus* b from T's own tempered p at the next position -- b is a proposal of T, not yet
+   an output token.  Steps without drafts go through :class:`CoSPlainSampler`
+   (``runner.sampler``), which samples b the same way (prefill, first token).
+3. :class:`CoSProposer` (the ``DraftModelProposer`` the runner builds) runs in the same step,
+   before the runner's bookkeeping.  Its first pass over the window gives D's raw logits at
+   b's position, so r is known there: ``alternate`` accepts b with min(1, r(b)/p(b)) or
+   resamples from norm(max(0, r - p)); ``naive`` samples that position from r directly.
+   The result is written into the sampled-token tensor the bookkeeping reads next, so a
+   bonus token is never emitted before D has verified it and no state crosses steps except
+   D's drafts (which vLLM drops on preemption; then nothing is verified against them).
+   If a row's token changed, one single-token D pass re-feeds it, then D drafts gamma tokens
+   from its proposal q (its own p tempered like r, or raw), keeping its raw logits and q.
+
+vLLM internals touched: ``vllm.v1.worker.gpu_model_runner.DraftModelProposer`` (module
+global the runner instantiates), ``DraftModelProposer`` / ``SpecDecodeBaseProposer`` methods
+(``load_model``, ``propose``, ``prepare_next_token_ids_padded``, ``set_inputs_first_pass``,
+``build_per_group_and_layer_attn_metadata``, ``build_model_inputs_first_pass``,
+``_determine_batch_execution_and_padding``, ``_get_slot_mapping``,
+``_update_positions_dependent_metadata``, attributes ``model``, ``input_ids``, ``positions``,
+``arange``, ``token_arange_np``, ``block_size``, ``vllm_config``), runner attributes
+(``rejection_sampler``, ``sampler``, ``input_batch.req_ids``, ``use_async_scheduling``,
+``_input_fits_in_drafter``), ``SpecDecodeMetadata`` fields, ``SamplingMetadata`` fields,
+``SamplerOutput``, ``set_forward_context``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from vllm_cos.combine import build_combiner
+from vllm_cos.engine import SUPPORTED_RUNNER, config_from_additional
+from vllm_cos.sampling import apply_sampling_params, draw_uniforms, sample_from_probs
+from vllm_cos.verify import verify
+
+logger = logging.getLogger("vllm_cos")
+
+
+# ---------------------------------------------------------------------- shared state
+
+@dataclass
+class DraftStash:
+    """What D proposed for one request: ids, its raw logits and the proposal q per draft."""
+
+    token_ids: list[int]
+    raw_logits: torch.Tensor  # [gamma, vocab]
+    proposal: torch.Tensor  # [gamma, vocab]
+
+
+@dataclass
+class PendingBonus:
+    """Rows whose last sampled token is T's bonus (a proposal D must verify this step)."""
+
+    mask: torch.Tensor  # [B] bool
+    slot: torch.Tensor  # [B] int64 column of that token in sampled_token_ids
+    target_raw: torch.Tensor  # [B, vocab] T's raw logits at that position
+    proposal: torch.Tensor  # [B, vocab] T's tempered p it was sampled from
+
+
+@dataclass
+class CoSStats:
+    steps: int = 0  # engine steps with CoS sampling (= forwards of the served model)
+    draft_forwards: int = 0  # forwards of the other model (first passes, corrections, drafts)
+    drafts_proposed: int = 0  # D's drafts verified by T
+    drafts_accepted: int = 0
+    bonus_proposed: int = 0  # T's bonus tokens verified by D
+    bonus_accepted: int = 0
+    tokens_emitted: int = 0
+    per_model: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        proposed = self.drafts_proposed + self.bonus_proposed
+        accepted = self.drafts_accepted + self.bonus_accepted
+        return {
+            "steps": self.steps, "draft_forwards": self.draft_forwards,
+            "drafts_proposed": self.drafts_proposed, "drafts_accepted": self.drafts_accepted,
+            "bonus_proposed": self.bonus_proposed, "bonus_accepted": self.bonus_accepted,
+            "tokens_emitted": self.tokens_emitted,
+            "acceptance_rate": accepted / proposed if proposed else 0.0,
+            "mean_tokens_per_step": self.tokens_emitted / self.steps if self.steps else 0.0,
+        }
+
+
+class CoSCore:
+    """The CoS configuration bound to one worker: the models' roles and the rule."""
+
+    def __init__(self, cfg, tokenizer_size: int):
+        self.cfg = cfg
+        self.tokenizer_size = tokenizer_size
+        self.target_index = cfg.index(cfg.target)
+        self.other_index = 1 - self.target_index
+        self.combiner = build_combiner(cfg.rule, cfg.model_names)
+        self.schedule = cfg.schedule
+        self.proposal_mode = cfg.proposal
+        self.stash: dict[str, DraftStash] = {}
+        self.pending: PendingBonus | None = None
+        self.stats = CoSStats()
+        self._warned_processors = False
+
+    # r = C(p_T, p_D) on raw logits, as log r [N, vocab]
+    def combine(self, target_raw: torch.Tensor, other_raw: torch.Tensor) -> torch.Tensor:
+        members = [None, None]
+        members[self.target_index] = target_raw.float()
+        members[self.other_index] = other_raw.float()
+        return self.combiner(torch.stack(members))
+
+    def crop(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[..., : self.tokenizer_size].float()
+
+    def warn_unsupported(self, sampling_metadata) -> None:
+        if self._warned_processors:
+            return
+        if (not getattr(sampling_metadata, "no_penalties", True)
+                or getattr(sampling_metadata, "bad_words_token_ids", None)
+                or getattr(sampling_metadata, "allowed_token_ids_mask", None) is not None):
+            logger.warning("cos: penalties, bad_words and allowed_token_ids are not applied to r "
+                           "in CoS speculative schedules (use schedule 'standard' for them)")
+            self._warned_processors = True
+
+
+class RowParams:
+    """Per-row temperature / top-k / top-p / generator of a batch of B requests."""
+
+    def __init__(self, sampling_metadata, batch: int, device):
+        sm = sampling_metadata
+        if sm.temperature is None:
+            self.temperature = torch.zeros(batch, device=device)
+        else:
+            self.temperature = sm.temperature[:batch].float()
+        self.top_k = None if sm.top_k is None else sm.top_k[:batch]
+        self.top_p = None if sm.top_p is None else sm.top_p[:batch]
+        gens = sm.generators or {}
+        self.generators = [gens.get(i) for i in range(batch)]
+
+    def select(self, rows: torch.Tensor) -> "RowParams":
+        out = RowParams.__new__(RowParams)
+        idx = rows.tolist()
+        out.temperature = self.temperature[rows]
+        out.top_k = None if self.top_k is None else self.top_k[rows]
+        out.top_p = None if self.top_p is None else self.top_p[rows]
+        out.generators = [self.generators[i] for i in idx]
+        return out
+
+    def temper(self, logits: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+        """apply_sampling_params with row i's parameters on rows [i*repeat, (i+1)*repeat)."""
+        def rep(t):
+            return None if t is None else t.repeat_interleave(repeat)
+        return apply_sampling_params(logits, rep(self.temperature), rep(self.top_k), rep(self.top_p))
+
+    def sample(self, probs: torch.Tensor) -> torch.Tensor:
+        uniforms = torch.cat(draw_uniforms([1] * probs.shape[0], self.generators, probs.device))
+        return sample_from_probs(probs, uniforms)
+
+
+# ---------------------------------------------------------------------- samplers
+
+def _sampler_output(token_ids: torch.Tensor):
+    from vllm.v1.outputs import SamplerOutput
+
+    return SamplerOutput(sampled_token_ids=token_ids.to(torch.int32), logprobs_tensors=None)
+
+
+class CoSPlainSampler:
+    """``runner.sampler`` for steps without drafts: b ~ T's tempered p, pending for D."""
+
+    def __init__(self, stock_sampler, core: CoSCore):
+        self._stock = stock_sampler
+        self._core = core
+
+    def __getattr__(self, name):  # logprobs helpers, logprobs_mode, ... stay stock
+        return getattr(self._stock, name)
+
+    def __call__(self, logits: torch.Tensor, sampling_metadata, **kwargs):
+        core = self._core
+        core.warn_unsupported(sampling_metadata)
+        batch = logits.shape[0]
+        params = RowParams(sampling_metadata, batch, logits.device)
+        target_raw = core.crop(logits)
+        proposal = params.temper(target_raw)
+        bonus = params.sample(proposal)
+        core.pending = PendingBonus(mask=torch.ones(batch, dtype=torch.bool, device=logits.device),
+                                    slot=torch.zeros(batch, dtype=torch.long, device=logits.device),
+                                    target_raw=target_raw, proposal=proposal)
+        core.stats.steps += 1
+        core.stats.tokens_emitted += batch
+        return _sampler_output(bonus.unsqueeze(1))
+
+
+class CoSRejectionSampler:
+    """``runner.rejection_sampler``: verify D's drafts against r, then T's bonus (pending)."""
+
+    def __init__(self, stock_rejection_sampler, core: CoSCore, runner):
+        self._stock = stock_rejection_sampler
+        self._core = core
+        self._runner = runner
+
+    def __getattr__(self, name):
+        return getattr(self._stock, name)
+
+    def __call__(self, metadata, draft_probs, logits: torch.Tensor, sampling_metadata):
+        core = self._core
+        core.warn_unsupported(sampling_metadata)
+        device = logits.device
+        num_drafts = list(metadata.num_draft_tokens)
+        batch, max_drafts = len(num_drafts), metadata.max_spec_len
+        req_ids = list(self._runner.input_batch.req_ids[:batch])
+        req_ids += [None] * (batch - len(req_ids))  # profiling runs have no requests
+        vocab = core.tokenizer_size
+        params = RowParams(sampling_metadata, batch, device)
+        flat_drafts = metadata.draft_token_ids.tolist()
+        target_idx = metadata.target_logits_indices.tolist()
+        bonus_idx = metadata.bonus_logits_indices.tolist()
+
+        # Rows of T's logits per (row, position), and D's stash where it matches the drafts.
+        row_index = torch.zeros(batch, max_drafts + 1, dtype=torch.long)
+        drafts = torch.zeros(batch, max(max_drafts, 1), dtype=torch.long)
+        usable = torch.zeros(batch, dtype=torch.long)
+        other_raw = torch.zeros(batch, max_drafts, vocab, device=device)
+        proposal = torch.zeros(batch, max_drafts, vocab, device=device)
+        start = 0
+        for i, (req_id, k) in enumerate(zip(req_ids, num_drafts)):
+            ids = flat_drafts[start:start + k]
+            for j in range(max_drafts + 1):
+                row_index[i, j] = target_idx[start + j] if j < k else bonus_idx[i]
+            stash = core.stash.pop(req_id, None)
+            m = 0
+            if stash is not None:
+                while m < min(k, len(stash.token_ids)) and stash.token_ids[m] == ids[m]:
+                    m += 1
+                if m:
+                    other_raw[i, :m] = stash.raw_logits[:m]
+                    proposal[i, :m] = stash.proposal[:m]
+            if m < k and stash is not None:
+                logger.debug("cos: request %s: %d of %d scheduled drafts match D's proposals", req_id, m, k)
+            if m:
+                drafts[i, :m] = torch.tensor(ids[:m])
+            usable[i] = m  # unusable drafts (no matching stash) count as rejected
+            start += k
+        target_rows = core.crop(logits[row_index.to(device).view(-1)]).view(batch, max_drafts + 1, vocab)
+
+        if max_drafts > 0:
+            log_r = core.combine(target_rows[:, :max_drafts].reshape(-1, vocab), other_raw.view(-1, vocab))
+            r = params.temper(log_r, repeat=max_drafts).view(batch, max_drafts, vocab)
+            r = torch.cat([r, torch.zeros(batch, 1, vocab, device=device)], dim=1)
+            out = verify(drafts[:, :max_drafts].to(device), usable.to(device), proposal, r,
+                         torch.zeros(batch, dtype=torch.bool, device=device), params.generators)
+            token_ids, accepted, rejected = out.token_ids, out.num_accepted, out.rejected
+        else:
+            token_ids = torch.full((batch, 1), -1, dtype=torch.long, device=device)
+            accepted = torch.zeros(batch, dtype=torch.long, device=device)
+            rejected = torch.zeros(batch, dtype=torch.bool, device=device)
+
+        # T's bonus where every usable draft was accepted: a proposal for D to verify.
+        rows = torch.arange(batch, device=device)
+        bonus_raw = target_rows[rows, accepted]
+        bonus_p = params.temper(bonus_raw)
+        bonus = params.sample(bonus_p)
+        token_ids[rows, accepted] = torch.where(rejected, token_ids[rows, accepted], bonus)
+        core.pending = PendingBonus(mask=~rejected, slot=accepted, target_raw=bonus_raw, proposal=bonus_p)
+
+        stats = core.stats
+        stats.steps += 1
+        stats.drafts_proposed += int(usable.sum())
+        stats.drafts_accepted += int(accepted.sum())
+        stats.tokens_emitted += int((token_ids >= 0).sum())
+        return _sampler_output(token_ids)
+
+
+# ---------------------------------------------------------------------- proposer
+
+def make_proposer_class(stock_class):
+    """CoSProposer as a subclass of the stock DraftModelProposer (isinstance checks pass)."""
+
+    class CoSProposer(stock_class):
+        def __init__(self, vllm_config, device, runner=None):
+            super().__init__(vllm_config, device, runner=runner)
+            carried = config_from_additional(vllm_config.additional_config)
+            self.cos_core = None if carried is None else CoSCore(*carried)
+            self.cos_runner = runner
+            self._cos_sampled = None
+            self._cos_discard = None
+
+        # -------------------------------------------------------------- wiring
+        def load_model(self, target_model) -> None:
+            super().load_model(target_model)
+            core, runner = self.cos_core, self.cos_runner
+            if core is None:
+                return
+            if runner is None or not hasattr(runner, "rejection_sampler"):
+                raise RuntimeError(f"cos: no model runner reached the proposer; CoS needs the {SUPPORTED_RUNNER}")
+            if getattr(runner, "use_async_scheduling", False):
+                raise RuntimeError(f"cos: async scheduling is on; CoS needs the {SUPPORTED_RUNNER}")
+            runner.rejection_sampler = CoSRejectionSampler(runner.rejection_sampler, core, runner)
+            runner.sampler = CoSPlainSampler(runner.sampler, core)
+            # D must score every step (its KV and its logits feed r): never skip the drafter.
+            runner._input_fits_in_drafter = lambda common_attn_metadata: common_attn_metadata is not None
+            logger.info("cos: %s schedule in vLLM: %s serves, %s drafts %d per step",
+                        core.schedule, core.cfg.target, core.cfg.models[core.other_index].name,
+                        self.num_speculative_tokens)
+
+        def prepare_next_token_ids_padded(self, sampled_token_ids, requests, gpu_input_batch,
+                                          discard_request_mask):
+            self._cos_sampled = sampled_token_ids
+            self._cos_discard = discard_request_mask
+            return super().prepare_next_token_ids_padded(sampled_token_ids, requests, gpu_input_batch,
+                                                         discard_request_mask)
+
+        # -------------------------------------------------------------- helpers
+        def _raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+            return self.cos_core.crop(self.model.compute_logits(hidden))
+
+        def _forward(self, common_attn_metadata, num_tokens: int, slot_mapping, first_pass: bool):
+            from vllm.forward_context import set_forward_context
+
+            _, per_layer = self.build_per_group_and_layer_attn_metadata(common_attn_metadata)
+            mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
+            if first_pass:
+                kwargs, slot_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens, None)
+            else:
+                kwargs = {"input_ids": self.input_ids[:num_input_tokens],
+                          "positions": self.positions[:num_input_tokens], "inputs_embeds": None}
+                slot_size = num_input_tokens
+            with set_forward_context(per_layer, self.vllm_config, num_tokens=num_input_tokens,
+                                     num_tokens_across_dp=across_dp, cudagraph_runtime_mode=mode,
+                                     slot_mapping=self._get_slot_mapping(slot_size, slot_mapping)):
+                hidden = self.model(**kwargs)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+            self.cos_core.stats.draft_forwards += 1
+            return hidden
+
+        def _single_token_pass(self, cad, token_ids, current_positions, batch):
+            """One token per row at ``current_positions + 1`` (KV written, hidden returned)."""
+            self.input_ids[:batch] = token_ids.to(self.input_ids.dtype)
+            positions = self._update_positions_dependent_metadata(
+                current_positions, cad, batch, batch, self.block_size)
+            hidden = self._forward(cad, batch, None, first_pass=False)[:batch]
+            return hidden, positions
+
+        def _verify_pending(self, hidden, token_indices, next_token_ids, params, batch):
+            """r at the pending bonus position; returns the (possibly replaced) next tokens."""
+            core = self.cos_core
+            pending = core.pending
+            core.pending = None
+            tokens = next_token_ids[:batch].long().clone()
+            if pending is None or pending.mask.shape[0] < batch:
+                return tokens
+            mask = pending.mask[:batch].clone()
+            if self._cos_discard is not None:
+                mask &= ~self._cos_discard[:batch].bool()
+            rows = mask.nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                return tokens
+            other_raw = self._raw_logits(hidden[token_indices[rows].long() - 1])
+            sub = params.select(rows)
+            r = sub.temper(core.combine(pending.target_raw[rows], other_raw))
+            bonus = tokens[rows]
+            if core.schedule == "naive":
+                new = sub.sample(r)
+            else:
+                out = verify(bonus.unsqueeze(1), torch.ones_like(bonus), pending.proposal[rows].unsqueeze(1),
+                             torch.stack([r, torch.zeros_like(r)], dim=1),
+                             torch.zeros_like(bonus, dtype=torch.bool), sub.generators)
+                new = out.token_ids[:, 0]
+                core.stats.bonus_proposed += int(rows.numel())
+                core.stats.bonus_accepted += int((~out.rejected).sum())
+            tokens[rows] = new
+            if self._cos_sampled is not None:
+                self._cos_sampled[rows, pending.slot[rows]] = new.to(self._cos_sampled.dtype)
+            return tokens
+
+        def _propose_from(self, logits_raw, params, batch):
+            core = self.cos_core
+            if core.proposal_mode == "raw":
+                q = torch.softmax(logits_raw, dim=-1)
+            else:
+                q = params.temper(logits_raw)
+            return params.sample(q), q
+
+        # -------------------------------------------------------------- one step
+        def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                    next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+                    mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None):
+            core = self.cos_core
+            if core is None:
+                return super().propose(num_speculative_tokens, target_token_ids, target_positions,
+                                       target_hidden_states, next_token_ids, token_indices_to_sample,
+                                       common_attn_metadata, sampling_metadata, mm_embed_inputs,
+                                       num_rejected_tokens_gpu, slot_mappings)
+            self.num_speculative_tokens = num_speculative_tokens
+            self._last_draft_probs = None
+            batch = common_attn_metadata.batch_size()
+            num_tokens, token_indices, cad = self.set_inputs_first_pass(
+                target_token_ids=target_token_ids, next_token_ids=next_token_ids,
+                target_positions=target_positions, target_hidden_states=target_hidden_states,
+                token_indices_to_sample=token_indices_to_sample, cad=common_attn_metadata,
+                num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+            hidden = self._forward(cad, num_tokens, cad.slot_mapping, first_pass=True)
+            params = RowParams(sampling_metadata, batch, hidden.device)
+            token_indices = token_indices[:batch].long()
+            tokens = self._verify_pending(hidden, token_indices, next_token_ids, params, batch)
+            changed = tokens != next_token_ids[:batch].long()
+
+            # From here on: one token per row.
+            positions = self.positions[token_indices].clone()
+            cad.num_actual_tokens = batch
+            cad.max_query_len = 1
+            cad.query_start_loc = self.arange[: batch + 1]
+            cad.query_start_loc_cpu = torch.from_numpy(self.token_arange_np[: batch + 1]).clone()
+            if num_rejected_tokens_gpu is not None:
+                cad.seq_lens -= num_rejected_tokens_gpu
+            last_hidden = hidden[token_indices]
+            if bool(changed.any()) and num_speculative_tokens > 0:
+                # Re-feed the verified token at the same position (overwrites b's KV).
+                cad.seq_lens -= 1
+                cad.max_seq_len = max(cad.max_seq_len - 1, 1)
+                last_hidden, positions = self._single_token_pass(cad, tokens, positions - 1, batch)
+
+            gamma = num_speculative_tokens
+            req_ids = list(self.cos_runner.input_batch.req_ids[:batch])
+            if gamma == 0:
+                for req_id in req_ids:
+                    core.stash.pop(req_id, None)
+                return torch.empty(batch, 0, dtype=torch.int64, device=hidden.device)
+            draft_ids, raws, qs = [], [], []
+            for step in range(gamma):
+                raw = self._raw_logits(last_hidden)
+                token, q = self._propose_from(raw, params, batch)
+                draft_ids.append(token)
+                raws.append(raw)
+                qs.append(q)
+                if step + 1 < gamma:
+                    last_hidden, positions = self._single_token_pass(cad, token, positions, batch)
+            drafts = torch.stack(draft_ids, dim=1)  # [B, gamma]
+            raw_all = torch.stack(raws, dim=1)
+            q_all = torch.stack(qs, dim=1)
+            for i, req_id in enumerate(req_ids):
+                core.stash[req_id] = DraftStash(drafts[i].tolist(), raw_all[i], q_all[i])
+            return drafts
+
+    CoSProposer.__name__ = CoSProposer.__qualname__ = "CoSProposer"
+    return CoSProposer
+
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    import vllm.v1.worker.gpu_model_runner as runner_module
+
+    stock = runner_module.DraftModelProposer
+    runner_module.DraftModelProposer = make_proposer_class(stock)
+    _installed = True
