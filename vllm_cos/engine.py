@@ -279,3 +279,12 @@ def config_from_additional(additional_config: Mapping[str, Any] | None) -> tuple
     data = dict(additional_config[ADDITIONAL_CONFIG_KEY])
     tokenizer_size = int(data.pop("tokenizer_size"))
     return load_config(data), tokenizer_size
+
+
+def cos_stats(llm) -> list[dict | None]:
+    """CoS counters per worker of an offline ``vllm.LLM`` (naive / alternate schedules):
+    steps (= served-model forwards), draft_forwards (other model), drafts proposed/accepted,
+    bonus proposed/accepted, tokens emitted, acceptance rate, mean tokens per step."""
+    from vllm_cos.adapters.spec_decode import worker_stats
+
+    return llm.collective_rpc(worker_stats)

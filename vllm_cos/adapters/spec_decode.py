@@ -469,3 +469,10 @@ def install() -> None:
     stock = runner_module.DraftModelProposer
     runner_module.DraftModelProposer = make_proposer_class(stock)
     _installed = True
+
+
+def worker_stats(worker) -> dict | None:
+    """CoS counters of one worker (for ``LLM.collective_rpc``); None outside CoS schedules."""
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    core = getattr(drafter, "cos_core", None)
+    return None if core is None else core.stats.as_dict()
