@@ -20,6 +20,7 @@ SUPPORTED_VLLM = ("0.32.0",)
 
 # (module under vllm_cos.adapters, what it hooks).  Order is install order.
 HOOKS: list[tuple[str, str]] = [
+    ("cpu_expand", "fix CPU expand_kernel stand-in (non-int64 dtypes) if the probe finds it broken"),
     ("engine_args", "EngineArgs: --speculative-config / speculative_config accept a CoS YAML file or dict"),
     ("standard_model", "ModelRegistry: CoSStandardForCausalLM, every collaborator in one model, logits = log r"),
     ("spec_decode", "gpu_model_runner.DraftModelProposer -> CoSProposer; it installs CoS samplers on the runner"),
