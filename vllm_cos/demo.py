@@ -4,7 +4,9 @@
 
 Prints the generated text, tokens/s, forwards per model and acceptance figures of CoS
 next to standard collaborative decoding (every model every token) for the same prompts.
-``--backend reference`` runs the plain PyTorch/transformers reference decoder.
+``--backend vllm`` (default) runs both inside vLLM (the served model is the first name; the
+CoS configuration goes in as ``speculative_config``); ``--backend reference`` runs the plain
+PyTorch/transformers reference decoder instead.
 """
 
 from __future__ import annotations
@@ -49,6 +51,57 @@ def run_reference(raw_config: dict, prompts: list[str], max_tokens: int, tempera
     return tokenizer, config, results
 
 
+def run_vllm(raw_config: dict, prompts: list[str], max_tokens: int, temperature: float, seed: int):
+    import os
+    import time
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    from vllm_cos.engine import cos_stats
+
+    config = load_config(raw_config)
+    target = config.models[config.index(config.target)]
+    rows = []
+    text = []
+    for schedule in ("standard", config.schedule):
+        llm = LLM(model=target.path, speculative_config={**raw_config, "schedule": schedule},
+                  dtype="float32", enforce_eager=True, max_model_len=512, gpu_memory_utilization=0.2,
+                  seed=seed, enable_prefix_caching=False)
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
+                  for i in range(len(prompts))]
+        llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+        stats_before = cos_stats(llm)[0] if schedule != "standard" else None
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        stats = None
+        if stats_before is not None:
+            after = cos_stats(llm)[0]
+            stats = {k: after[k] - stats_before.get(k, 0) for k in after if isinstance(after[k], int)}
+        rows.append((schedule, tokens, seconds, stats))
+        text = [o.outputs[0].text for o in outputs]
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    print(f"\nvLLM, models: {', '.join(config.model_names)} (served: {config.target}), rule: {config.rule.name}")
+    for schedule, tokens, seconds, stats in rows:
+        print(f"\n=== {schedule} ===")
+        print(f"tokens/s: {tokens / seconds:.1f} ({tokens} tokens in {seconds:.2f} s)")
+        if stats:
+            steps = max(1, stats.get("steps", 0))
+            proposed = stats.get("drafts_proposed", 0) + stats.get("bonus_proposed", 0)
+            accepted = stats.get("drafts_accepted", 0) + stats.get("bonus_accepted", 0)
+            print(f"engine steps (= {config.target} forwards): {stats.get('steps', 0)}, "
+                  f"other model forwards: {stats.get('draft_forwards', 0)}; tokens per step "
+                  f"({len(prompts)} requests batched): {stats.get('tokens_emitted', 0) / steps:.2f}")
+            if proposed:
+                print(f"acceptance: {accepted}/{proposed} proposed tokens accepted ({accepted / proposed:.1%})")
+    print("\n--- text ---")
+    for prompt, completion in zip(prompts, text):
+        print(repr(prompt + completion))
+
+
 def report(tokenizer, config, results, prompts) -> None:
     for schedule, outputs in results.items():
         tokens = sum(len(o.token_ids) for o in outputs)
@@ -78,13 +131,16 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="reference", choices=["reference"])
+    parser.add_argument("--backend", default="vllm", choices=["vllm", "reference"])
     args = parser.parse_args(argv)
     if not args.models.is_dir():
         parser.error(f"--models: {args.models} is not a directory (build the tiny models: make models)")
     raw = demo_config(args.models, args.rule, args.schedule, tuple(args.names.split(",")))
-    tokenizer, config, results = run_reference(raw, PROMPTS, args.max_tokens, args.temperature, args.seed)
-    report(tokenizer, config, results, PROMPTS)
+    if args.backend == "vllm":
+        run_vllm(raw, PROMPTS, args.max_tokens, args.temperature, args.seed)
+    else:
+        tokenizer, config, results = run_reference(raw, PROMPTS, args.max_tokens, args.temperature, args.seed)
+        report(tokenizer, config, results, PROMPTS)
 
 
 if __name__ == "__main__":
