@@ -5,8 +5,11 @@ For each rule (weighted ensemble, contrastive) one engine per schedule is starte
 
 * greedy: 20 prompts as single requests and 16 of them as one batch; naive and alternate are
   token-identical to the engine's standard mode and to ``vllm_cos.reference.generate``;
-* sampling (alternate engine): the first generated token over many seeded requests follows
-  r = C(p_large, p_small) tempered (chi-square), r computed with transformers models.
+* sampling (naive engine for CD, alternate for WE): the first generated token over many
+  seeded requests follows r = C(p_large, p_small) tempered (chi-square), r computed with
+  transformers models;
+* sampling parameters (alternate, WE): stop strings / stop tokens / EOS inside an accepted run,
+  exact max_tokens, n > 1, seeds, and logprobs equal to log r of the reference models.
 """
 
 from __future__ import annotations
@@ -127,8 +130,16 @@ def _reference(models, rule, prompts):
     return _results[key]
 
 
-@pytest.mark.parametrize("rule", list(RULES))
-@pytest.mark.parametrize("schedule", ["standard", "naive", "alternate"])
+# Ordered so that consecutive tests share the one live engine (7 engine starts in all):
+# the last greedy engine (naive, cd) serves the first chi-square tests, the alternate-we engine
+# of the second ones also serves the sampling-parameter tests below.
+GREEDY_ORDER = [("standard", "we"), ("standard", "cd"), ("alternate", "cd"), ("naive", "we"),
+                ("alternate", "we"), ("naive", "cd")]
+SAMPLING_ORDER = [("cd", "naive", (1.0, 0, 1.0)), ("cd", "naive", (0.7, 20, 0.9)),
+                  ("we", "alternate", (1.0, 0, 1.0)), ("we", "alternate", (0.7, 20, 0.9))]
+
+
+@pytest.mark.parametrize("schedule,rule", GREEDY_ORDER, ids=[f"{s}-{r}" for s, r in GREEDY_ORDER])
 def test_greedy_identity(engines, models, prompts, rule, schedule):
     llm = engines.get(rule, schedule)
     single = _greedy(llm, prompts, batch=False)
@@ -175,9 +186,9 @@ def _chi_square(counts: Counter, probs: torch.Tensor, n: int) -> float:
     return float(stats.chisquare(obs, [e * scale for e in exp]).pvalue)
 
 
-@pytest.mark.parametrize("rule", list(RULES))
-@pytest.mark.parametrize("sampling", [(1.0, 0, 1.0), (0.7, 20, 0.9)], ids=["T1", "T0.7_k20_p0.9"])
-def test_first_token_distribution_is_r(engines, models, rule, sampling):
+@pytest.mark.parametrize("rule,schedule,sampling", SAMPLING_ORDER,
+                         ids=[f"{r}-{s}-T{t[0]}" + ("_k20_p0.9" if t[1] else "") for r, s, t in SAMPLING_ORDER])
+def test_first_token_distribution_is_r(engines, models, rule, schedule, sampling):
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -185,7 +196,7 @@ def test_first_token_distribution_is_r(engines, models, rule, sampling):
     temperature, top_k, top_p = sampling
     tok = AutoTokenizer.from_pretrained(str(models["large"]))
     prompt = tok.encode(PROMPT_FOR_SAMPLING, add_special_tokens=False)
-    llm = engines.get(rule, "alternate")
+    llm = engines.get(rule, schedule)
     params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=s, max_tokens=1)
               for s in range(NUM_SAMPLES)]
     outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * NUM_SAMPLES, params, use_tqdm=False)
@@ -196,3 +207,169 @@ def test_first_token_distribution_is_r(engines, models, rule, sampling):
     # same seed => same token
     again = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * 20, params[:20], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:20]]
+
+
+# ---------------------------------------------------------------- sampling parameters (alternate, WE)
+# Every test below runs on the engine the last chi-square test left alive.
+PARAMS_ENGINE = ("we", "alternate")
+
+
+def _generate(llm, prompts, params):
+    from vllm.inputs import TokensPrompt
+
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+def test_stop_tokens_and_strings_inside_accepted_runs(engines, models, prompts):
+    """Stop at a token / string in the middle of the greedy output: the output ends exactly there.
+
+    Every position 2..MAX_TOKENS-2 of two prompts is tried as a stop point, so stop points fall
+    inside accepted runs (the engine emits several tokens per step; mean accepted length > 1 is
+    asserted below) as well as at their ends.
+    """
+    from vllm import SamplingParams
+    from vllm_cos.engine import cos_stats
+
+    llm = engines.get(*PARAMS_ENGINE)
+    expected = _reference(models, PARAMS_ENGINE[0], prompts)
+    tok = llm.get_tokenizer()
+    greedy = dict(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    cases = []  # (prompt index, stop position, SamplingParams, kind)
+    for i in (0, 5):
+        out = expected[i]
+        for j in range(2, MAX_TOKENS - 1):
+            if out[j] not in out[:j]:  # first occurrence: the stop token is at j
+                cases.append((i, j, SamplingParams(stop_token_ids=[out[j]], **greedy), "token"))
+            text = tok.decode(out[j:j + 2])
+            full = tok.decode(out)
+            if text.strip() and full.find(text) == len(tok.decode(out[:j])):
+                cases.append((i, j, SamplingParams(stop=[text], **greedy), "string"))
+    assert sum(k == "token" for *_, k in cases) >= 10 and sum(k == "string" for *_, k in cases) >= 5
+    before = cos_stats(llm)[0]
+    outs = _generate(llm, [prompts[i] for i, *_ in cases], [c[2] for c in cases])
+    after = cos_stats(llm)[0]
+    assert (after["tokens_emitted"] - before["tokens_emitted"]) / (after["row_steps"] - before["row_steps"]) > 1.5
+    for (i, j, params, kind), o in zip(cases, outs):
+        got = o.outputs[0]
+        assert got.finish_reason == "stop", (kind, i, j)
+        if kind == "token":
+            assert list(got.token_ids) == expected[i][:j + 1], (kind, i, j)
+            assert got.stop_reason == expected[i][j]
+        else:
+            full = tok.decode(expected[i])
+            stop = params.stop[0]
+            assert got.text == full[:full.find(stop)], (kind, i, j, stop)
+            assert got.stop_reason == stop
+
+
+def test_eos_inside_accepted_run(engines, models, prompts):
+    """EOS is honoured mid-run: with EOS made a stop token (the tiny models seldom emit their
+    own), and with the model's own EOS when a greedy output contains it."""
+    from vllm import SamplingParams
+
+    llm = engines.get(*PARAMS_ENGINE)
+    expected = _reference(models, PARAMS_ENGINE[0], prompts)
+    eos = llm.get_tokenizer().eos_token_id
+    with_eos = [i for i, out in enumerate(expected) if eos in out]
+    if with_eos:
+        outs = _generate(llm, [prompts[i] for i in with_eos], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+        for i, o in zip(with_eos, outs):
+            cut = expected[i].index(eos)
+            assert list(o.outputs[0].token_ids) == expected[i][:cut + 1] and o.outputs[0].finish_reason == "stop"
+    # EOS through the same scheduler path, at chosen positions (the tokenizer's EOS replaced)
+    i = 3
+    out = expected[i]
+    for j in (3, 7, 12):
+        if out[j] in out[:j]:
+            continue
+        o = _generate(llm, [prompts[i]], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                        stop_token_ids=[out[j]], include_stop_str_in_output=True))[0]
+        assert list(o.outputs[0].token_ids) == out[:j + 1]
+
+
+def test_max_tokens_exact(engines, models, prompts):
+    from vllm import SamplingParams
+
+    llm = engines.get(*PARAMS_ENGINE)
+    expected = _reference(models, PARAMS_ENGINE[0], prompts)
+    lengths = [1, 2, 3, 4, 5, 6, 7, 9, 11, 13, 17, 23]
+    outs = _generate(llm, prompts[:len(lengths)],
+                     [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths])
+    for n, o, exp in zip(lengths, outs, expected):
+        assert list(o.outputs[0].token_ids) == exp[:n] and o.outputs[0].finish_reason == "length"
+    # sampled too
+    outs = _generate(llm, prompts[:len(lengths)],
+                     [SamplingParams(temperature=1.0, seed=i, max_tokens=n, ignore_eos=True)
+                      for i, n in enumerate(lengths)])
+    assert [len(o.outputs[0].token_ids) for o in outs] == lengths
+
+
+def test_n_and_seeds(engines, models, prompts):
+    from vllm import SamplingParams
+
+    llm = engines.get(*PARAMS_ENGINE)
+    expected = _reference(models, PARAMS_ENGINE[0], prompts)
+    # vLLM refuses n > 1 at temperature 0; top_k = 1 is greedy: n identical copies of the greedy output
+    o = _generate(llm, [prompts[0]], SamplingParams(n=3, temperature=1.0, top_k=1, max_tokens=MAX_TOKENS,
+                                                    ignore_eos=True))[0]
+    assert len(o.outputs) == 3 and all(list(c.token_ids) == expected[0] for c in o.outputs)
+    # seeded n = 3: three outputs, reproducible alone and inside a batch with other requests
+    seeded = SamplingParams(n=3, temperature=1.0, seed=1234, max_tokens=MAX_TOKENS, ignore_eos=True)
+    first = [list(c.token_ids) for c in _generate(llm, [prompts[1]], seeded)[0].outputs]
+    assert len(first) == 3 and all(len(t) == MAX_TOKENS for t in first)
+    assert len({tuple(t) for t in first}) > 1, "n=3 sampled copies are all identical"
+    others = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    batch = _generate(llm, [prompts[2], prompts[1], prompts[3]], [others, seeded, others])
+    assert [list(c.token_ids) for c in batch[1].outputs] == first
+    # same seed => same text (n = 1)
+    single = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True)
+    a = _generate(llm, prompts[4:6], single)
+    b = _generate(llm, prompts[4:6], single)
+    assert [o.outputs[0].text for o in a] == [o.outputs[0].text for o in b]
+
+
+def _reference_log_r(models, rule, token_ids):
+    """log r at every position of ``token_ids`` (transformers forwards + the rule)."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_cos.combine import build_combiner
+    from vllm_cos.config import load_config
+
+    cfg = load_config(cos_spec(models, rule, "alternate"))
+    logits = []
+    for name in cfg.model_names:
+        key = ("hf", name)
+        if key not in _results:
+            _results[key] = AutoModelForCausalLM.from_pretrained(str(models[name]), dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(_results[key](torch.tensor([token_ids])).logits[0])
+    return torch.log_softmax(build_combiner(cfg.rule, cfg.model_names)(torch.stack(logits)), dim=-1)
+
+
+def test_logprobs_are_log_r(engines, models, prompts):
+    """Sampled (T = 1) and greedy outputs report logprobs of r: the emitted token's and the top 5,
+    equal to log r from the reference models at every position (drafts accepted, residual
+    tokens and verified bonus tokens alike)."""
+    from vllm import SamplingParams
+
+    llm = engines.get(*PARAMS_ENGINE)
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+              for s in range(4)] + [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)]
+    chosen = [prompts[0], prompts[1], prompts[7], prompts[9], prompts[12]]
+    outs = _generate(llm, chosen, params)
+    worst = 0.0
+    for prompt, o in zip(chosen, outs):
+        gen = o.outputs[0]
+        assert gen.logprobs is not None and len(gen.logprobs) == len(gen.token_ids) == MAX_TOKENS
+        log_r = _reference_log_r(models, PARAMS_ENGINE[0], prompt + list(gen.token_ids))
+        for j, (token, entry) in enumerate(zip(gen.token_ids, gen.logprobs)):
+            ref = log_r[len(prompt) - 1 + j]
+            assert token in entry
+            worst = max(worst, abs(entry[token].logprob - float(ref[token])))
+            top = torch.topk(ref, 6)
+            values, indices = top.values.tolist(), top.indices.tolist()
+            clear = {t for t, v in zip(indices[:5], values[:5]) if v - values[5] > 1e-3}  # no near-ties
+            assert clear <= set(entry), (j, clear, set(entry))
+            for t in clear:
+                worst = max(worst, abs(entry[t].logprob - float(ref[t])))
+    assert worst < 2e-3, f"logprobs differ from log r by {worst}"

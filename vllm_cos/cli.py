@@ -58,10 +58,33 @@ def _cos_message(exc: BaseException) -> str:
     return str(exc)
 
 
+_metrics_dir = None
+
+
+def install_metrics_dir(args: list[str]) -> str | None:
+    """For ``serve``: a fresh ``PROMETHEUS_MULTIPROC_DIR`` unless the user set one.
+
+    CoS counters (``vllm_cos_*``, :mod:`vllm_cos.adapters.metrics`) live in the worker
+    process; with a multiprocess registry the API server's ``/metrics`` shows them next to
+    vLLM's own metrics (the mechanism vLLM uses for several API servers).  Must run before
+    ``prometheus_client`` is imported.  The directory is removed when the command exits.
+    """
+    global _metrics_dir
+    import os
+    import tempfile
+
+    if "serve" not in args[:1] or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    _metrics_dir = tempfile.TemporaryDirectory(prefix="vllm-cos-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir.name
+    return _metrics_dir.name
+
+
 def main(argv: list[str] | None = None) -> int:
     install_version_fallback()
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
+    install_metrics_dir(sys.argv[1:])
     from vllm.entrypoints.cli.main import main as vllm_main
 
     try:

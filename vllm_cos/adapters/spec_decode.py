@@ -70,6 +70,16 @@ class PendingBonus:
     slot: torch.Tensor  # [B] int64 column of that token in sampled_token_ids
     target_raw: torch.Tensor  # [B, vocab] T's raw logits at that position
     proposal: torch.Tensor  # [B, vocab] T's tempered p it was sampled from
+    logprobs: "LogprobRows | None" = None  # rows to fill with r's logprobs once r is known
+
+
+@dataclass
+class LogprobRows:
+    """The sampler output's logprobs tensors; row ``i * width + slot`` belongs to (i, slot)."""
+
+    tensors: object  # vllm LogprobsTensors
+    width: int
+    num_logprobs: int
 
 
 @dataclass
@@ -81,7 +91,7 @@ class CoSStats:
     bonus_proposed: int = 0  # T's bonus tokens verified by D
     bonus_accepted: int = 0
     tokens_emitted: int = 0
-    per_model: dict = field(default_factory=dict)
+    row_steps: int = 0  # (request, step) pairs that emitted tokens: verification rounds
 
     def as_dict(self) -> dict:
         proposed = self.drafts_proposed + self.bonus_proposed
@@ -90,9 +100,10 @@ class CoSStats:
             "steps": self.steps, "draft_forwards": self.draft_forwards,
             "drafts_proposed": self.drafts_proposed, "drafts_accepted": self.drafts_accepted,
             "bonus_proposed": self.bonus_proposed, "bonus_accepted": self.bonus_accepted,
-            "tokens_emitted": self.tokens_emitted,
+            "tokens_emitted": self.tokens_emitted, "row_steps": self.row_steps,
             "acceptance_rate": accepted / proposed if proposed else 0.0,
             "mean_tokens_per_step": self.tokens_emitted / self.steps if self.steps else 0.0,
+            "mean_accepted_length": self.tokens_emitted / self.row_steps if self.row_steps else 0.0,
         }
 
 
@@ -110,6 +121,8 @@ class CoSCore:
         self.stash: dict[str, DraftStash] = {}
         self.pending: PendingBonus | None = None
         self.stats = CoSStats()
+        self.logprobs_mode = "raw_logprobs"
+        self.metrics = None  # CoSMetrics, set in the worker
         self._warned_processors = False
 
     # r = C(p_T, p_D) on raw logits, as log r [N, vocab]
@@ -118,6 +131,25 @@ class CoSCore:
         members[self.target_index] = target_raw.float()
         members[self.other_index] = other_raw.float()
         return self.combiner(torch.stack(members))
+
+    def logprob_rows(self, log_r: torch.Tensor, r: torch.Tensor, tokens: torch.Tensor, num_logprobs: int):
+        """vLLM ``LogprobsTensors`` of r at N positions for the emitted ``tokens`` [N].
+
+        Follows the sampler's ``logprobs_mode`` as the stock path does for the served model:
+        ``raw_logprobs`` (default) = log r before the request's temperature / top-k / top-p
+        (what the ``standard`` schedule reports), ``raw_logits`` = the rule's combined logits,
+        ``processed_*`` = log of r after temperature / top-k / top-p.
+        """
+        from vllm.v1.sample.sampler import Sampler
+
+        if self.logprobs_mode in ("processed_logprobs", "processed_logits"):
+            lp = torch.log(r.float())
+        elif self.logprobs_mode == "raw_logits":
+            lp = log_r.float()
+        else:
+            lp = torch.log_softmax(log_r.float(), dim=-1)
+        k = lp.shape[-1] if num_logprobs < 0 else num_logprobs
+        return Sampler.gather_logprobs(lp, k, tokens.clamp(min=0).long())
 
     def crop(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[..., : self.tokenizer_size].float()
@@ -169,10 +201,10 @@ class RowParams:
 
 # ---------------------------------------------------------------------- samplers
 
-def _sampler_output(token_ids: torch.Tensor):
+def _sampler_output(token_ids: torch.Tensor, logprobs_tensors=None):
     from vllm.v1.outputs import SamplerOutput
 
-    return SamplerOutput(sampled_token_ids=token_ids.to(torch.int32), logprobs_tensors=None)
+    return SamplerOutput(sampled_token_ids=token_ids.to(torch.int32), logprobs_tensors=logprobs_tensors)
 
 
 class CoSPlainSampler:
@@ -193,12 +225,18 @@ class CoSPlainSampler:
         target_raw = core.crop(logits)
         proposal = params.temper(target_raw)
         bonus = params.sample(proposal)
+        rows = None
+        if sampling_metadata.max_num_logprobs is not None:
+            # T's p for now; the proposer overwrites each row with r once D has scored it.
+            k = sampling_metadata.max_num_logprobs
+            rows = LogprobRows(core.logprob_rows(target_raw, proposal, bonus, k), 1, k)
         core.pending = PendingBonus(mask=torch.ones(batch, dtype=torch.bool, device=logits.device),
                                     slot=torch.zeros(batch, dtype=torch.long, device=logits.device),
-                                    target_raw=target_raw, proposal=proposal)
+                                    target_raw=target_raw, proposal=proposal, logprobs=rows)
         core.stats.steps += 1
         core.stats.tokens_emitted += batch
-        return _sampler_output(bonus.unsqueeze(1))
+        core.stats.row_steps += batch
+        return _sampler_output(bonus.unsqueeze(1), None if rows is None else rows.tensors)
 
 
 class CoSRejectionSampler:
@@ -253,6 +291,7 @@ class CoSRejectionSampler:
             start += k
         target_rows = core.crop(logits[row_index.to(device).view(-1)]).view(batch, max_drafts + 1, vocab)
 
+        log_r = None
         if max_drafts > 0:
             log_r = core.combine(target_rows[:, :max_drafts].reshape(-1, vocab), other_raw.view(-1, vocab))
             r = params.temper(log_r, repeat=max_drafts).view(batch, max_drafts, vocab)
@@ -271,14 +310,28 @@ class CoSRejectionSampler:
         bonus_p = params.temper(bonus_raw)
         bonus = params.sample(bonus_p)
         token_ids[rows, accepted] = torch.where(rejected, token_ids[rows, accepted], bonus)
-        core.pending = PendingBonus(mask=~rejected, slot=accepted, target_raw=bonus_raw, proposal=bonus_p)
+        logprob_rows = None
+        if sampling_metadata.max_num_logprobs is not None:
+            # r at draft positions; T's p at the bonus slot until the proposer has r there.
+            k = sampling_metadata.max_num_logprobs
+            width = max_drafts + 1
+            all_log_r = bonus_raw.unsqueeze(1).repeat(1, width, 1)
+            all_r = bonus_p.unsqueeze(1).repeat(1, width, 1)
+            if max_drafts > 0:
+                all_log_r[:, :max_drafts] = log_r.view(batch, max_drafts, vocab)
+                all_r[:, :max_drafts] = r[:, :max_drafts]
+            tensors = core.logprob_rows(all_log_r.view(-1, vocab), all_r.view(-1, vocab), token_ids.view(-1), k)
+            logprob_rows = LogprobRows(tensors, width, k)
+        core.pending = PendingBonus(mask=~rejected, slot=accepted, target_raw=bonus_raw, proposal=bonus_p,
+                                    logprobs=logprob_rows)
 
         stats = core.stats
         stats.steps += 1
+        stats.row_steps += batch
         stats.drafts_proposed += int(usable.sum())
         stats.drafts_accepted += int(accepted.sum())
         stats.tokens_emitted += int((token_ids >= 0).sum())
-        return _sampler_output(token_ids)
+        return _sampler_output(token_ids, None if logprob_rows is None else logprob_rows.tensors)
 
 
 # ---------------------------------------------------------------------- proposer
@@ -306,6 +359,10 @@ def make_proposer_class(stock_class):
             if getattr(runner, "use_async_scheduling", False):
                 raise RuntimeError(f"cos: async scheduling is on; CoS needs the {SUPPORTED_RUNNER}")
             runner.rejection_sampler = CoSRejectionSampler(runner.rejection_sampler, core, runner)
+            from vllm_cos.adapters.metrics import CoSMetrics
+
+            core.metrics = CoSMetrics(core.cfg.target, core.cfg.models[core.other_index].name)
+            core.logprobs_mode = getattr(runner.sampler, "logprobs_mode", "raw_logprobs")
             runner.sampler = CoSPlainSampler(runner.sampler, core)
             # D must score every step (its KV and its logits feed r): never skip the drafter.
             runner._input_fits_in_drafter = lambda common_attn_metadata: common_attn_metadata is not None
@@ -368,7 +425,8 @@ def make_proposer_class(stock_class):
                 return tokens
             other_raw = self._raw_logits(hidden[token_indices[rows].long() - 1])
             sub = params.select(rows)
-            r = sub.temper(core.combine(pending.target_raw[rows], other_raw))
+            log_r = core.combine(pending.target_raw[rows], other_raw)
+            r = sub.temper(log_r)
             bonus = tokens[rows]
             if core.schedule == "naive":
                 new = sub.sample(r)
@@ -380,9 +438,19 @@ def make_proposer_class(stock_class):
                 core.stats.bonus_proposed += int(rows.numel())
                 core.stats.bonus_accepted += int((~out.rejected).sum())
             tokens[rows] = new
+            if pending.logprobs is not None:
+                self._fill_logprobs(pending.logprobs, rows * pending.logprobs.width + pending.slot[rows],
+                                    log_r, r, new)
             if self._cos_sampled is not None:
                 self._cos_sampled[rows, pending.slot[rows]] = new.to(self._cos_sampled.dtype)
             return tokens
+
+        def _fill_logprobs(self, target: LogprobRows, index, log_r, r, tokens):
+            fresh = self.cos_core.logprob_rows(log_r, r, tokens, target.num_logprobs)
+            t = target.tensors
+            t.logprob_token_ids[index] = fresh.logprob_token_ids.to(t.logprob_token_ids.dtype)
+            t.logprobs[index] = fresh.logprobs.to(t.logprobs.dtype)
+            t.selected_token_ranks[index] = fresh.selected_token_ranks.to(t.selected_token_ranks.dtype)
 
         def _propose_from(self, logits_raw, params, batch):
             core = self.cos_core
@@ -436,6 +504,7 @@ def make_proposer_class(stock_class):
             if gamma == 0:
                 for req_id in req_ids:
                     core.stash.pop(req_id, None)
+                self._publish()
                 return torch.empty(batch, 0, dtype=torch.int64, device=hidden.device)
             draft_ids, raws, qs = [], [], []
             for step in range(gamma):
@@ -451,7 +520,21 @@ def make_proposer_class(stock_class):
             q_all = torch.stack(qs, dim=1)
             for i, req_id in enumerate(req_ids):
                 core.stash[req_id] = DraftStash(drafts[i].tolist(), raw_all[i], q_all[i])
+            self._prune_stash()
+            self._publish()
             return drafts
+
+        def _publish(self) -> None:
+            if self.cos_core.metrics is not None:
+                self.cos_core.metrics.publish(self.cos_core.stats)
+
+        def _prune_stash(self) -> None:
+            """Forget the drafts of finished requests (stopped, aborted, length)."""
+            live = getattr(self.cos_runner, "requests", None)
+            stash = self.cos_core.stash
+            if live is not None and len(stash) > len(live):
+                for req_id in [r for r in stash if r not in live]:
+                    del stash[req_id]
 
     CoSProposer.__name__ = CoSProposer.__qualname__ = "CoSProposer"
     return CoSProposer

@@ -1,0 +1,70 @@
+"""CoS metrics without an engine: the worker-side publisher and the CLI's metrics directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from vllm_cos import cli
+from vllm_cos.adapters.metrics import CoSMetrics
+from vllm_cos.adapters.spec_decode import CoSStats
+
+
+def _value(name: str, **labels) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_publish_adds_growth_and_sets_gauges():
+    metrics = CoSMetrics("tgt", "drf", interval_s=0.0)
+    base = {k: _value(f"vllm_cos_{k}_total", **lab) for k, lab in
+            [("forwards", {"model": "tgt"}), ("emitted_tokens", {})]}
+    stats = CoSStats(steps=4, draft_forwards=13, drafts_proposed=12, drafts_accepted=9, bonus_proposed=3,
+                     bonus_accepted=2, tokens_emitted=15, row_steps=4)
+    logger = logging.getLogger("vllm.cos")  # vLLM's "vllm" logger may not propagate to root
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        metrics.publish(stats)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    text = "\n".join(handler.lines)
+    stats.steps, stats.tokens_emitted, stats.row_steps = 6, 20, 6
+    metrics.publish(stats)
+    assert _value("vllm_cos_forwards_total", model="tgt") - base["forwards"] == 6
+    assert _value("vllm_cos_emitted_tokens_total") - base["emitted_tokens"] == 20
+    assert _value("vllm_cos_forwards_total", model="drf") >= 13
+    assert _value("vllm_cos_acceptance_rate", model_pair="tgt+drf") == pytest.approx(11 / 15)
+    assert _value("vllm_cos_mean_accepted_length", model_pair="tgt+drf") == pytest.approx(20 / 6)
+    assert "CoS metrics: acceptance rate 0.733 (drafts of drf 9/12, bonus of tgt 2/3)" in text
+    assert "forwards tgt=4 drf=13" in text
+
+
+def test_serve_gets_a_multiprocess_metrics_dir(monkeypatch):
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.setattr(cli, "_metrics_dir", None)
+    assert cli.install_metrics_dir(["--version"]) is None
+    assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    path = cli.install_metrics_dir(["serve", "model"])
+    assert path and os.path.isdir(path) and os.environ["PROMETHEUS_MULTIPROC_DIR"] == path
+    cli._metrics_dir.cleanup()
+
+
+def test_user_metrics_dir_is_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert cli.install_metrics_dir(["serve", "model"]) is None
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path)

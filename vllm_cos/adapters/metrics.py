@@ -1,0 +1,117 @@
+"""CoS counters of a worker on Prometheus and in the log.
+
+The worker knows what the scheduler cannot: which model proposed a token, whether D's
+drafts or T's bonus tokens were accepted, and how many forwards each model ran.  They are
+published as ``vllm_cos_*`` Prometheus metrics from the worker process:
+
+* ``vllm_cos_forwards_total{model}``: forward passes per collaborating model;
+* ``vllm_cos_proposed_tokens_total{proposer}`` / ``vllm_cos_accepted_tokens_total{proposer}``:
+  proposals verified against r and accepted, per proposing model;
+* ``vllm_cos_emitted_tokens_total``, ``vllm_cos_verification_rounds_total`` (request-steps);
+* gauges ``vllm_cos_acceptance_rate`` and ``vllm_cos_mean_accepted_length`` (tokens emitted per
+  verification round), cumulative since the engine started.
+
+``vllm serve`` shows them on ``/metrics`` when the API server reads a multiprocess
+registry: our console command (:mod:`vllm_cos.cli`) sets ``PROMETHEUS_MULTIPROC_DIR`` to a
+fresh temporary directory for ``serve`` (vLLM's own mechanism for several API servers;
+every vLLM gauge declares its multiprocess mode).  An offline ``LLM`` registers them in the
+process's default registry; :func:`vllm_cos.engine.cos_stats` gives the same numbers.
+
+Every ``VLLM_LOG_STATS_INTERVAL`` seconds (default 10) with new tokens, one line is logged
+next to vLLM's "SpecDecoding metrics" line, e.g.::
+
+    CoS metrics: acceptance rate 0.71 (drafts of small 120/170, bonus of large 30/40),
+    mean accepted length 2.45, forwards large=80 small=260, tokens 196
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
+
+_METRICS = None
+
+
+def _metrics():
+    """The process's metric objects (created once: prometheus names are process-global)."""
+    global _METRICS
+    if _METRICS is None:
+        import prometheus_client as pc
+
+        _METRICS = {
+            "forwards": pc.Counter("vllm_cos_forwards", "CoS: forward passes per collaborating model",
+                                   ["model"]),
+            "proposed": pc.Counter("vllm_cos_proposed_tokens",
+                                   "CoS: proposed tokens verified against r, per proposing model", ["proposer"]),
+            "accepted": pc.Counter("vllm_cos_accepted_tokens",
+                                   "CoS: proposed tokens accepted, per proposing model", ["proposer"]),
+            "emitted": pc.Counter("vllm_cos_emitted_tokens", "CoS: tokens emitted by CoS sampling"),
+            "rounds": pc.Counter("vllm_cos_verification_rounds",
+                                 "CoS: verification rounds (request-steps that emitted tokens)"),
+            "acceptance_rate": pc.Gauge("vllm_cos_acceptance_rate",
+                                        "CoS: accepted / proposed tokens since start", ["model_pair"],
+                                        multiprocess_mode="mostrecent"),
+            "mean_accepted_length": pc.Gauge("vllm_cos_mean_accepted_length",
+                                             "CoS: tokens emitted per verification round since start",
+                                             ["model_pair"], multiprocess_mode="mostrecent"),
+        }
+    return _METRICS
+
+
+class CoSMetrics:
+    """Publishes the growth of one worker's :class:`CoSStats` (call :meth:`publish` per step)."""
+
+    def __init__(self, target: str, other: str, interval_s: float | None = None):
+        self.target, self.other = target, other
+        self.pair = f"{target}+{other}"
+        self._last = {}
+        if interval_s is None:
+            try:
+                interval_s = float(os.environ.get("VLLM_LOG_STATS_INTERVAL", "10"))
+            except ValueError:
+                interval_s = 10.0
+        self.interval_s = interval_s
+        self._last_log = time.monotonic()
+        self._logged_tokens = 0
+        try:
+            self._m = _metrics()
+        except Exception as exc:  # noqa: BLE001 - metrics must never stop decoding
+            logger.warning("cos: Prometheus metrics disabled (%s)", exc)
+            self._m = None
+
+    def publish(self, stats) -> None:
+        now = {"steps": stats.steps, "draft_forwards": stats.draft_forwards,
+               "drafts_proposed": stats.drafts_proposed, "drafts_accepted": stats.drafts_accepted,
+               "bonus_proposed": stats.bonus_proposed, "bonus_accepted": stats.bonus_accepted,
+               "tokens_emitted": stats.tokens_emitted, "row_steps": stats.row_steps}
+        delta = {k: v - self._last.get(k, 0) for k, v in now.items()}
+        self._last = now
+        m = self._m
+        if m is not None:
+            m["forwards"].labels(model=self.target).inc(delta["steps"])
+            m["forwards"].labels(model=self.other).inc(delta["draft_forwards"])
+            m["proposed"].labels(proposer=self.other).inc(delta["drafts_proposed"])
+            m["proposed"].labels(proposer=self.target).inc(delta["bonus_proposed"])
+            m["accepted"].labels(proposer=self.other).inc(delta["drafts_accepted"])
+            m["accepted"].labels(proposer=self.target).inc(delta["bonus_accepted"])
+            m["emitted"].inc(delta["tokens_emitted"])
+            m["rounds"].inc(delta["row_steps"])
+            summary = stats.as_dict()
+            m["acceptance_rate"].labels(model_pair=self.pair).set(summary["acceptance_rate"])
+            m["mean_accepted_length"].labels(model_pair=self.pair).set(summary["mean_accepted_length"])
+        t = time.monotonic()
+        if t - self._last_log >= self.interval_s and stats.tokens_emitted > self._logged_tokens:
+            self._last_log = t
+            self._logged_tokens = stats.tokens_emitted
+            logger.info(self.line(stats))
+
+    def line(self, stats) -> str:
+        s = stats.as_dict()
+        return (f"CoS metrics: acceptance rate {s['acceptance_rate']:.3f} (drafts of {self.other} "
+                f"{stats.drafts_accepted}/{stats.drafts_proposed}, bonus of {self.target} "
+                f"{stats.bonus_accepted}/{stats.bonus_proposed}), mean accepted length "
+                f"{s['mean_accepted_length']:.2f}, forwards {self.target}={stats.steps} "
+                f"{self.other}={stats.draft_forwards}, tokens {stats.tokens_emitted}")
