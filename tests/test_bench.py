@@ -207,3 +207,21 @@ def test_smoke_preset_runs(tmp_path):
     assert rows["alternate"]["alpha"] is not None and 0 < rows["alternate"]["alpha"] <= 1
     assert rows["alternate"]["speedup_vs_standard"] is not None
     assert math.isfinite(rows["alternate"]["predicted"])
+
+
+def test_best_repetition_and_threads():
+    row = Row(method="single", rule="none", param="", temperature=1.0, batch=1, prompts="code")
+    bench._set_timing(row, [(100, 2.0), (100, 1.0), (100, 4.0)])
+    assert row.tokens_per_s == pytest.approx(100.0) and row.seconds == 1.0
+    assert row.extra["repeats_tok_s"] == [50.0, 100.0, 25.0]
+    assert bench.default_threads() >= 1
+
+
+def test_cost_ratio_is_pooled_per_batch():
+    common = dict(rule="none", param="", prompts="code")
+    rows = [Row(method="single", temperature=0.0, batch=1, tokens_per_s=100.0, **common),
+            Row(method="single", temperature=1.0, batch=1, tokens_per_s=50.0, **common),
+            Row(method="single_proposer", temperature=0.0, batch=1, tokens_per_s=200.0, **common),
+            Row(method="single_proposer", temperature=1.0, batch=1, tokens_per_s=100.0, **common)]
+    # t_p = (0.01 + 0.02) / 2, t_q = (0.005 + 0.01) / 2
+    assert bench.cost_ratios(rows) == {1: pytest.approx(0.5)}

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Where does one CoS engine step spend its time?  cProfile of batch-1 generation on one engine.
+
+    python scripts/bench_profile.py --models /work/shared/models --schedule alternate --rule we
+    python scripts/bench_profile.py --schedule standard  # the baseline's step
+
+Prints the cumulative time of the step's parts (model forwards of the served and the draft
+model, CoS sampling/verification, the draft proposer's bookkeeping, the scheduler, output
+processing) per engine step, and the top functions by own time.  Same performance environment
+as the bench (re-exec with LD_PRELOAD / OMP threads).
+"""
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_cos import bench  # noqa: E402
+
+PARTS = [  # (label, substring of "file:function" to match in cumulative stats)
+    ("engine step (EngineCore.step)", "core.py:step"),
+    ("scheduler.schedule", "scheduler.py:schedule"),
+    ("model runner execute_model", "gpu_model_runner.py:execute_model"),
+    ("sample_tokens", "gpu_model_runner.py:sample_tokens"),
+    ("CoS rejection sampler", "spec_decode.py:__call__"),
+    ("draft proposer propose", "spec_decode.py:propose"),
+    ("verify (math)", "verify.py:verify"),
+    ("LlamaForCausalLM/LlamaModel forwards (nested)", "llama.py:forward"),
+    ("CoS standard wrapper forward", "standard_model.py:forward"),
+    ("attention (cpu_attn)", "cpu_attn.py:forward"),
+    ("scheduler.update_from_output", "scheduler.py:update_from_output"),
+    ("output processor", "output_processor.py:process_outputs"),
+]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", default="/work/shared/models")
+    p.add_argument("--target", default="large")
+    p.add_argument("--small", default="small")
+    p.add_argument("--schedule", default="alternate", choices=["standard", "naive", "alternate", "single", "sd"])
+    p.add_argument("--rule", default="we", choices=["we", "cd"])
+    p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-reexec", action="store_true")
+    args = p.parse_args(argv)
+    if not args.no_reexec and os.environ.get(bench.REEXEC_FLAG) != "1":
+        env, warnings = bench.performance_env(args.threads)
+        for w in warnings:
+            print("warning:", w, file=sys.stderr)
+        os.execve(sys.executable, [sys.executable, __file__, *(argv or sys.argv[1:])], env)
+    settings, _ = bench.parse_args(["--models", args.models, "--target", args.target, "--small", args.small,
+                                    "--batch-sizes", "1"])
+    models = bench._models(settings)
+    rule = bench.we_rule(models, 0.5) if args.rule == "we" else bench.cd_rule(models, 0.1)
+    if args.schedule == "single":
+        job = bench.EngineJob("single", "single", "none", "", None, [args.temperature])
+    elif args.schedule == "sd":
+        job = bench.EngineJob("sd", "sd", "none", "", args.gamma, [args.temperature],
+                              spec={"method": "draft_model", "model": models["small"],
+                                    "num_speculative_tokens": args.gamma})
+    else:
+        job = bench.EngineJob(args.schedule, args.schedule, args.rule, "", args.gamma, [args.temperature],
+                              spec=bench.cos_spec(models, rule, args.schedule, args.gamma))
+    llm = bench.start_engine(job, models, settings)
+    prompts = bench.tokenize_prompts(models, settings)["code"]
+    bench.generate_timed(llm, prompts[:1], 1, args.temperature, 8, 0)  # warm-up
+    cos0 = bench.cos_counters(llm)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    tokens, _ = bench.generate_timed(llm, prompts[:1], 1, args.temperature, args.max_tokens, 0)
+    prof.disable()
+    wall = time.perf_counter() - t0
+    cos = bench._diff(bench.cos_counters(llm), cos0)
+    stats = pstats.Stats(prof)
+    steps = None
+    for (file, _, func), (cc, nc, tt, ct, callers) in stats.stats.items():
+        if file.endswith("core.py") and func == "step" and "v1/engine" in file:
+            steps = nc
+    print(f"{args.schedule} {args.rule} T={args.temperature:g} gamma={args.gamma}: {tokens} tokens in "
+          f"{wall:.2f} s (profiled) = {tokens / wall:.1f} tok/s; engine steps {steps}; cos counters {cos}; "
+          f"load {bench.load_average()}")
+    print(f"{'part':45s} {'calls':>7s} {'cum s':>8s} {'ms/step':>8s} {'% wall':>7s}")
+    for label, key in PARTS:
+        file_part, func = key.split(":")
+        calls = cum = 0
+        for (file, _, f), (cc, nc, tt, ct, callers) in stats.stats.items():
+            if f == func and file.endswith(file_part):
+                calls += nc
+                cum += ct
+        if calls:
+            per_step = 1000 * cum / steps if steps else float("nan")
+            print(f"{label:45s} {calls:7d} {cum:8.3f} {per_step:8.2f} {100 * cum / wall:6.1f}%")
+    print()
+    stats.sort_stats("tottime").print_stats(args.top)
+    bench.stop_engine(llm)
+
+
+if __name__ == "__main__":
+    main()
