@@ -284,7 +284,11 @@ def config_from_additional(additional_config: Mapping[str, Any] | None) -> tuple
 def cos_stats(llm) -> list[dict | None]:
     """CoS counters per worker of an offline ``vllm.LLM`` (naive / alternate schedules):
     steps (= served-model forwards), draft_forwards (other model), drafts proposed/accepted,
-    bonus proposed/accepted, tokens emitted, acceptance rate, mean tokens per step."""
+    bonus proposed/accepted, tokens emitted, row_steps (verification rounds = request-steps),
+    acceptance rate, mean tokens per step, mean accepted length (tokens per round).
+
+    The same counters are Prometheus metrics ``vllm_cos_*`` (``/metrics`` of ``vllm serve``)
+    and a "CoS metrics" log line; see :mod:`vllm_cos.adapters.metrics`."""
     from vllm_cos.adapters.spec_decode import worker_stats
 
     return llm.collective_rpc(worker_stats)
