@@ -50,6 +50,7 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-reexec", action="store_true")
     args = p.parse_args(argv)
     if not args.no_reexec and os.environ.get(bench.REEXEC_FLAG) != "1":
@@ -58,7 +59,7 @@ def main(argv=None):
             print("warning:", w, file=sys.stderr)
         os.execve(sys.executable, [sys.executable, __file__, *(argv or sys.argv[1:])], env)
     settings, _ = bench.parse_args(["--models", args.models, "--target", args.target, "--small", args.small,
-                                    "--batch-sizes", "1"])
+                                    "--batch-sizes", str(args.batch)])
     models = bench._models(settings)
     rule = bench.we_rule(models, 0.5) if args.rule == "we" else bench.cd_rule(models, 0.1)
     if args.schedule == "single":
@@ -77,7 +78,8 @@ def main(argv=None):
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    tokens, _ = bench.generate_timed(llm, prompts[:1], 1, args.temperature, args.max_tokens, 0)
+    tokens, _ = bench.generate_timed(llm, prompts[:1] if args.batch == 1 else prompts, args.batch,
+                                     args.temperature, args.max_tokens, 0)
     prof.disable()
     wall = time.perf_counter() - t0
     cos = bench._diff(bench.cos_counters(llm), cos0)
@@ -86,7 +88,7 @@ def main(argv=None):
     for (file, _, func), (cc, nc, tt, ct, callers) in stats.stats.items():
         if file.endswith("core.py") and func == "step" and "v1/engine" in file:
             steps = nc
-    print(f"{args.schedule} {args.rule} T={args.temperature:g} gamma={args.gamma}: {tokens} tokens in "
+    print(f"{args.schedule} {args.rule} T={args.temperature:g} gamma={args.gamma} B={args.batch}: {tokens} tokens in "
           f"{wall:.2f} s (profiled) = {tokens / wall:.1f} tok/s; engine steps {steps}; cos counters {cos}; "
           f"load {bench.load_average()}")
     print(f"{'part':45s} {'calls':>7s} {'cum s':>8s} {'ms/step':>8s} {'% wall':>7s}")

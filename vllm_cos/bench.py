@@ -148,18 +148,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(batch_sizes=[1], temperatures=[1.0], lambdas=[0.5], mus=[], gammas=[], gamma=2,
                   schedules=["standard", "alternate"], prompt_sets=["code"], prompts_per_set=1,
                   max_tokens=16, three_models=False, peers=False, sd=False, single=True, rule_temperatures=None,
-                  repeats=1),
+                  repeats=1, peer_batches=[1], gamma_schedules=["alternate"]),
     # the acceptance targets, batch 1 and 8, both prompt sets (< 10 min on 2 cores)
-    "quick": dict(batch_sizes=[1, 8], temperatures=None, lambdas=[0.5], mus=[0.1], gammas=[],
+    "quick": dict(batch_sizes=[1, 8], temperatures=None, lambdas=[0.5], mus=[0.1], gammas=[1, 2, 3],
                   gamma=3, schedules=["standard", "naive", "alternate"], prompt_sets=["code", "prose"],
                   prompts_per_set=3, max_tokens=96, three_models=True, peers=True, sd=True, single=True,
-                  rule_temperatures={"we": [1.0], "cd": [0.0]}, repeats=3),
+                  rule_temperatures={"we": [1.0], "cd": [0.0]}, repeats=3,
+                  peer_batches=[1, 8], gamma_schedules=["alternate"]),
     # everything in the issue
     "full": dict(batch_sizes=[1, 8, 32], temperatures=None, lambdas=[0.1, 0.3, 0.5, 0.7, 0.9],
                  mus=[0.1, 0.3], gammas=[1, 2, 3, 4, 5, 6], gamma=3,
                  schedules=["standard", "naive", "alternate"], prompt_sets=["code", "prose"],
                  prompts_per_set=4, max_tokens=128, three_models=True, peers=True, sd=True, single=True,
-                 rule_temperatures=None, repeats=3),
+                 rule_temperatures=None, repeats=3, peer_batches=[1, 8],
+                 gamma_schedules=["naive", "alternate"]),
 }
 # temperatures: for single / sd rows; rule_temperatures: per rule (None: = temperatures);
 # temperatures None: DEFAULT_TEMPERATURES
@@ -201,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="third model for 3-model configs (default: the first other model dir found)")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--batch-sizes", type=_int_list, default=None)
-    p.add_argument("--gammas", type=_int_list, default=None, help="gamma grid (alternate, WE lambda=0.5)")
+    p.add_argument("--gammas", type=_int_list, default=None,
+                   help="gamma grid (batch 1, first prompt set; WE lambda=0.5 and CD first mu)")
     p.add_argument("--gamma", type=int, default=None, help="gamma of the proposer elsewhere")
     p.add_argument("--lambdas", type=_float_list, default=None)
     p.add_argument("--mus", type=_float_list, default=None)
@@ -257,6 +260,8 @@ class Settings:
     single: bool
     rule_temperatures: dict | None
     repeats: int
+    peer_batches: list[int]
+    gamma_schedules: list[str]
     plots: bool
     seed: int
 
@@ -278,7 +283,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         schedules=list(preset["schedules"]), three_models=preset["three_models"],
         peers=preset["peers"] and not args.no_peers, sd=preset["sd"], single=preset["single"],
         rule_temperatures=preset["rule_temperatures"] if args.temperatures is None else None,
-        repeats=pick("repeats"), plots=not args.no_plots, seed=args.seed)
+        repeats=pick("repeats"), peer_batches=list(preset["peer_batches"]),
+        gamma_schedules=list(preset["gamma_schedules"]), plots=not args.no_plots, seed=args.seed)
     for name in settings.prompt_sets:
         if name not in PROMPTS:
             raise SystemExit(f"bench: unknown prompt set {name!r} (known: {', '.join(PROMPTS)})")
@@ -706,20 +712,26 @@ def plan(settings: Settings, models: dict) -> list[EngineJob]:
             gamma = None if schedule == "standard" else settings.gamma
             jobs.append(EngineJob(f"{schedule} {rule} {param}", schedule, rule, param, gamma, t,
                                   spec=cos_spec(models, rule_dict, schedule, settings.gamma)))
-    # gamma grid: alternate (and naive) on WE lambda=0.5, batch 1, code prompts
-    lam = 0.5
-    for g in settings.gammas:
-        if g == settings.gamma and lam in settings.lambdas:
-            continue
-        for schedule in [s for s in ("naive", "alternate") if s in settings.schedules]:
-            jobs.append(EngineJob(f"{schedule} we lambda=0.5 γ={g}", schedule, "we", "lambda=0.5", g,
-                                  rule_t.get("we", temps)[:1],
-                                  spec=cos_spec(models, we_rule(models, lam), schedule, g),
+    # gamma grid (batch 1, first prompt set): WE lambda=0.5 and CD with the first mu
+    grid_configs = [("we", "lambda=0.5", we_rule(models, 0.5), 0.5 in settings.lambdas)]
+    if settings.mus:
+        mu = settings.mus[0]
+        grid_configs.append(("cd", f"mu={mu:g}", cd_rule(models, mu), True))
+    for rule, param, rule_dict, has_standard in grid_configs:
+        if not settings.gammas:
+            break
+        t = rule_t.get(rule, temps)[:1]
+        for g in settings.gammas:
+            if g == settings.gamma and has_standard:
+                continue
+            for schedule in [s for s in settings.gamma_schedules if s in settings.schedules]:
+                jobs.append(EngineJob(f"{schedule} {rule} {param} γ={g}", schedule, rule, param, g, t,
+                                      spec=cos_spec(models, rule_dict, schedule, g),
+                                      batch_sizes=[1], prompt_sets=settings.prompt_sets[:1]))
+        if not has_standard and "standard" in settings.schedules:
+            jobs.append(EngineJob(f"standard {rule} {param}", "standard", rule, param, None, t,
+                                  spec=cos_spec(models, rule_dict, "standard", 1),
                                   batch_sizes=[1], prompt_sets=settings.prompt_sets[:1]))
-    if settings.gammas and 0.5 not in settings.lambdas and "standard" in settings.schedules:
-        jobs.append(EngineJob("standard we lambda=0.5", "standard", "we", "lambda=0.5", None,
-                              rule_t.get("we", temps)[:1], spec=cos_spec(models, we_rule(models, lam), "standard", 1),
-                              batch_sizes=[1], prompt_sets=settings.prompt_sets[:1]))
     if settings.three_models and "third" in models:
         names = models["_names"]
         w = {names["target"]: 1 / 3, names["small"]: 1 / 3, names["third"]: 1 / 3}
@@ -916,8 +928,10 @@ def _reference_models(models: dict):
 
 
 def run_reference_peer(models: dict, rule: str, param: str, rule_dict: dict, temperature: float,
-                       prompt_set: str, prompts: list[list[int]], settings: Settings, loaded) -> Row:
-    """``ReferenceDecoder`` with schedule standard, batch 1 (requests one after the other)."""
+                       prompt_set: str, prompts: list[list[int]], settings: Settings, loaded,
+                       batch: int = 1) -> Row:
+    """``ReferenceDecoder`` with schedule standard: batch 1 = requests one after the other;
+    batch B = B requests (prompts cycled) advancing in lockstep in one ``generate`` call."""
     from vllm_cos.config import load_config
     from vllm_cos.reference import ReferenceDecoder, SamplingSpec
 
@@ -926,15 +940,21 @@ def run_reference_peer(models: dict, rule: str, param: str, rule_dict: dict, tem
 
     def once():
         tokens, start = 0, time.perf_counter()
+        if batch > 1:
+            reqs = [prompts[i % len(prompts)] for i in range(batch)]
+            specs = [SamplingSpec(max_tokens=settings.max_tokens, temperature=temperature, seed=settings.seed + i)
+                     for i in range(batch)]
+            outs = decoder.generate(reqs, specs)
+            return sum(len(o.token_ids) for o in outs), time.perf_counter() - start
         for i, p in enumerate(prompts):
             out = decoder.generate([p], SamplingSpec(max_tokens=settings.max_tokens, temperature=temperature,
                                                      seed=settings.seed + i))
             tokens += len(out[0].token_ids)
         return tokens, time.perf_counter() - start
 
-    row = Row(method="ref_standard", rule=rule, param=param, temperature=temperature, batch=1,
+    row = Row(method="ref_standard", rule=rule, param=param, temperature=temperature, batch=batch,
               prompts=prompt_set, mean_tokens_per_step=1.0, extra={"main_gamma": settings.gamma})
-    _set_timing(row, [once() for _ in range(settings.repeats)])
+    _set_timing(row, [once() for _ in range(settings.repeats if batch == 1 else 1)])
     row.load_avg = load_average()
     return row
 
@@ -1005,6 +1025,12 @@ def run_peers(models: dict, settings: Settings, prompt_ids: dict, progress, thre
                 progress.set_description(f"peer ref_standard {rule} {param} T={t:g} {s}")
                 rows.append(run_reference_peer(models, rule, param, rule_dict, t, s, prompt_ids[s], settings, loaded))
                 progress.update(1)
+                for b in settings.peer_batches:
+                    if b > 1 and b in settings.batch_sizes:
+                        progress.set_description(f"peer ref_standard {rule} {param} T={t:g} B={b} {s}")
+                        rows.append(run_reference_peer(models, rule, param, rule_dict, t, s, prompt_ids[s],
+                                                       settings, loaded, batch=b))
+                        progress.update(1)
                 if lam is None:
                     continue
                 progress.set_description(f"peer hf_ensemble {param} T={t:g} {s}")
@@ -1026,7 +1052,9 @@ def count_peer_measurements(settings: Settings) -> int:
         return 0
     rule_t = settings.rule_temperatures or {}
     temps = settings.temperatures or DEFAULT_TEMPERATURES
-    n = len(settings.lambdas) * len(rule_t.get("we", temps)) * 2 + len(settings.mus) * len(rule_t.get("cd", temps))
+    ref = 1 + len([b for b in settings.peer_batches if b > 1 and b in settings.batch_sizes])
+    n = (len(settings.lambdas) * len(rule_t.get("we", temps)) * (1 + ref)
+         + len(settings.mus) * len(rule_t.get("cd", temps)) * ref)
     return n * len(settings.prompt_sets)
 
 
