@@ -60,8 +60,11 @@ CASES = list(itertools.product(["we2", "we3", "cd", "custom"], ["naive", "altern
 
 
 def _case(rule_name, schedule):
+    """gamma 1 for every model: with two tokens, alternate's second token is then the
+    verifier's bonus (proposed from its own p and checked by the proposer), while naive
+    samples that position from r directly, so the two schedules take different paths."""
     rule, n = {"we2": ("we", 2), "we3": ("we", 3), "cd": ("cd", 2), "custom": ("custom", 2)}[rule_name]
-    return make_config(rule, n, schedule), table_models(n)
+    return make_config(rule, n, schedule, gammas=(1, 1, 1)[:n]), table_models(n)
 
 
 def _two_token_counts(decoder, num_samples, temperature):
