@@ -151,6 +151,8 @@ def test_greedy_identity(engines, models, prompts, rule, schedule):
     assert batch == single[:16], f"{schedule}/{rule}: a batch of 16 differs from single requests"
     if (rule, "standard") in _results:
         assert single == _results[(rule, "standard")]
+    if schedule == "standard":  # logprobs of the wrapper architecture are log r too
+        _assert_logprobs_are_log_r(llm, models, rule, prompts, num_sampled=1)
 
 
 def _expected_first_token(models, rule, prompt, temperature, top_k, top_p):
@@ -188,7 +190,7 @@ def _chi_square(counts: Counter, probs: torch.Tensor, n: int) -> float:
 
 @pytest.mark.parametrize("rule,schedule,sampling", SAMPLING_ORDER,
                          ids=[f"{r}-{s}-T{t[0]}" + ("_k20_p0.9" if t[1] else "") for r, s, t in SAMPLING_ORDER])
-def test_first_token_distribution_is_r(engines, models, rule, schedule, sampling):
+def test_first_token_distribution_is_r(engines, models, prompts, rule, schedule, sampling):
     from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -207,6 +209,8 @@ def test_first_token_distribution_is_r(engines, models, rule, schedule, sampling
     # same seed => same token
     again = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * 20, params[:20], use_tqdm=False)
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:20]]
+    if schedule == "naive" and temperature == 1.0:  # logprobs of r under naive too
+        _assert_logprobs_are_log_r(llm, models, rule, prompts, num_sampled=2)
 
 
 # ---------------------------------------------------------------- sampling parameters (alternate, WE)
@@ -349,19 +353,24 @@ def _reference_log_r(models, rule, token_ids):
 def test_logprobs_are_log_r(engines, models, prompts):
     """Sampled (T = 1) and greedy outputs report logprobs of r: the emitted token's and the top 5,
     equal to log r from the reference models at every position (drafts accepted, residual
-    tokens and verified bonus tokens alike)."""
+    tokens and verified bonus tokens alike).  The standard schedule is checked the same way
+    inside test_greedy_identity[standard-*]."""
+    _assert_logprobs_are_log_r(engines.get(*PARAMS_ENGINE), models, PARAMS_ENGINE[0], prompts, num_sampled=4)
+
+
+def _assert_logprobs_are_log_r(llm, models, rule, prompts, num_sampled):
     from vllm import SamplingParams
 
-    llm = engines.get(*PARAMS_ENGINE)
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
-              for s in range(4)] + [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)]
-    chosen = [prompts[0], prompts[1], prompts[7], prompts[9], prompts[12]]
+              for s in range(num_sampled)] + [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS,
+                                                             ignore_eos=True, logprobs=5)]
+    chosen = [prompts[i] for i in (0, 1, 7, 9, 12)[:num_sampled]] + [prompts[12]]
     outs = _generate(llm, chosen, params)
     worst = 0.0
     for prompt, o in zip(chosen, outs):
         gen = o.outputs[0]
         assert gen.logprobs is not None and len(gen.logprobs) == len(gen.token_ids) == MAX_TOKENS
-        log_r = _reference_log_r(models, PARAMS_ENGINE[0], prompt + list(gen.token_ids))
+        log_r = _reference_log_r(models, rule, prompt + list(gen.token_ids))
         for j, (token, entry) in enumerate(zip(gen.token_ids, gen.logprobs)):
             ref = log_r[len(prompt) - 1 + j]
             assert token in entry
