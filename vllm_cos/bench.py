@@ -20,6 +20,12 @@ Output (``--out``, default ``bench_out/``): ``bench.json`` (every figure and the
 ``bench.md`` (tables), PNG plots (speedup vs lambda per proposer choice, vs gamma, vs batch
 size) when matplotlib is importable.
 
+Clocks: every measurement records wall time and this process's CPU time (``time.process_time``,
+all threads).  With one OpenMP thread and the engine in-process (no engine-core subprocess) CPU
+time is the work done and excludes the time other processes held the cores, so on the shared
+dev box speedups, c and the targets use it (``--clock cpu``, default; ``--clock wall`` for an
+idle machine, where the two agree).  Both tok/s columns are in the table.
+
 Timing: every measurement is repeated (``--repeats``, 3 in quick/full) with the same seeds and
 tok/s is the fastest repetition (the least disturbed by other processes); all repetitions are in
 the JSON.  The 1-minute load average is recorded with every row.  Performance environment: the
@@ -221,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="OMP / torch threads (default: 1 on <= 4 cores, else half the cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=CLOCKS, default="cpu",
+                   help="clock for speedups, c and targets: cpu (process CPU time, robust to other "
+                        "load on a shared box; default) or wall")
     return p
 
 
@@ -391,7 +400,8 @@ class Row:
     status: str = "ok"  # ok | unsupported: ... | unavailable: ... | error: ...
     tokens: int = 0
     seconds: float = 0.0
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # wall clock
+    tokens_per_cpu_s: float | None = None  # per CPU-second of this process (load-robust)
     load_avg: list[float] | None = None
     mean_tokens_per_step: float | None = None
     alpha: float | None = None
@@ -409,15 +419,25 @@ class Row:
         return (self.rule, self.param, self.temperature, self.batch, self.prompts)
 
 
-def cost_ratios(rows: list[Row]) -> dict[int, float]:
+CLOCKS = ("cpu", "wall")
+
+
+def rate(r: Row, clock: str = "cpu") -> float | None:
+    """The throughput speedups are computed from: CPU clock when measured (see module doc)."""
+    if clock == "cpu" and r.tokens_per_cpu_s:
+        return r.tokens_per_cpu_s
+    return r.tokens_per_s
+
+
+def cost_ratios(rows: list[Row], clock: str = "cpu") -> dict[int, float]:
     """c = t_q / t_p per batch size: the mean decode time per token of the proposer served alone
     over that of the served model alone, pooled over temperatures and prompt sets (a forward
     costs the same whatever is sampled; pooling averages out load noise)."""
     out = {}
     for b in sorted({r.batch for r in rows}):
         def mean_time(method):
-            ts = [1.0 / r.tokens_per_s for r in rows
-                  if r.method == method and r.batch == b and r.status == "ok" and r.tokens_per_s]
+            ts = [1.0 / rate(r, clock) for r in rows
+                  if r.method == method and r.batch == b and r.status == "ok" and rate(r, clock)]
             return sum(ts) / len(ts) if ts else None
         t_p, t_q = mean_time("single"), mean_time("single_proposer")
         if t_p and t_q:
@@ -425,30 +445,30 @@ def cost_ratios(rows: list[Row]) -> dict[int, float]:
     return out
 
 
-def derive(rows: list[Row]) -> None:
+def derive(rows: list[Row], clock: str = "cpu") -> None:
     """Fill c, speedups and the theorem predictions in place (rows of one run)."""
     def tps(method, rule, param, t, b, p):
         for r in rows:
             if (r.method, r.rule, r.param, r.temperature, r.batch, r.prompts) == (method, rule, param, t, b, p) \
-                    and r.status == "ok" and r.tokens_per_s:
-                return r.tokens_per_s
+                    and r.status == "ok" and rate(r, clock):
+                return rate(r, clock)
         return None
 
-    c_by_batch = cost_ratios(rows)
+    c_by_batch = cost_ratios(rows, clock)
     for r in rows:
-        if r.status != "ok" or not r.tokens_per_s:
+        if r.status != "ok" or not rate(r, clock):
             continue
         single = tps("single", "none", "", r.temperature, r.batch, r.prompts)
         proposer_alone = tps("single_proposer", "none", "", r.temperature, r.batch, r.prompts)
         if single:
-            r.speedup_vs_single = r.tokens_per_s / single
+            r.speedup_vs_single = rate(r, clock) / single
         if r.rule in ("we", "cd") and r.method != "standard":
             std = tps("standard", r.rule, r.param, r.temperature, r.batch, r.prompts)
             if std:
-                r.speedup_vs_standard = r.tokens_per_s / std
+                r.speedup_vs_standard = rate(r, clock) / std
         elif r.method == "standard":
             r.speedup_vs_standard = 1.0
-        if r.method not in ("single", "single_proposer") and r.batch in c_by_batch:
+        if r.method in ("sd", "standard", "naive", "alternate") and r.batch in c_by_batch:
             r.c = c_by_batch[r.batch]
         if r.method in ("naive", "alternate") and r.alpha is not None and r.c is not None and r.gamma:
             alpha = min(max(r.alpha, 0.0), 1.0)
@@ -474,7 +494,7 @@ def _fmt(value, digits=2) -> str:
 
 TABLE_COLUMNS = [
     ("method", "method"), ("rule", "rule"), ("param", "param"), ("T", "temperature"), ("B", "batch"),
-    ("prompts", "prompts"), ("γ", "gamma"), ("tok/s", "tokens_per_s"), ("×std", "speedup_vs_standard"),
+    ("prompts", "prompts"), ("γ", "gamma"), ("tok/s", "tokens_per_s"), ("tok/cpu-s", "tokens_per_cpu_s"), ("×std", "speedup_vs_standard"),
     ("×single", "speedup_vs_single"), ("tok/step", "mean_tokens_per_step"), ("α", "alpha"),
     ("β", "beta"), ("per-pos α", "per_position"), ("c", "c"), ("pred", "predicted"),
     ("meas/pred", "measured_over_predicted"), ("load", "load_avg"), ("status", "status"),
@@ -500,7 +520,7 @@ def markdown_table(rows: Iterable[Row]) -> str:
     return "\n".join(lines)
 
 
-def targets_summary(rows: list[Row]) -> list[dict]:
+def targets_summary(rows: list[Row], clock: str = "cpu") -> list[dict]:
     """The issue's batch-1 targets, checked against the rows (figures, not tests)."""
     def find(method, rule, param, t, prompts=None):
         hits = [r for r in rows if r.method == method and r.rule == rule and r.param == param
@@ -511,20 +531,20 @@ def targets_summary(rows: list[Row]) -> list[dict]:
     out = []
     for (rule, param, t, goal) in (("we", "lambda=0.5", 1.0, 1.4), ("cd", "mu=0.1", 0.0, 1.5)):
         for r in find("alternate", rule, param, t):
-            out.append({"target": f"alternate {rule} {param} T={t:g} B=1 ({r.prompts}) >= {goal}x over standard",
+            out.append({"target": f"alternate {rule} {param} T={t:g} γ={r.gamma} B=1 ({r.prompts}) >= {goal}x over standard",
                         "value": r.speedup_vs_standard,
                         "met": r.speedup_vs_standard is not None and r.speedup_vs_standard >= goal})
     for r in rows:
         if r.batch == 1 and r.measured_over_predicted is not None:
-            out.append({"target": f"{r.method} {r.rule} {r.param} T={r.temperature:g} B=1 ({r.prompts}) "
+            out.append({"target": f"{r.method} {r.rule} {r.param} T={r.temperature:g} γ={r.gamma} B=1 ({r.prompts}) "
                                   f"measured/predicted >= 0.85",
                         "value": r.measured_over_predicted, "met": r.measured_over_predicted >= 0.85})
     for ref in [r for r in rows if r.method == "ref_standard" and r.status == "ok"]:
         cos = [r for r in rows if r.method == "alternate" and r.key() == ref.key() and r.status == "ok"]
         for r in cos:
-            ratio = r.tokens_per_s / ref.tokens_per_s if ref.tokens_per_s else None
+            ratio = rate(r, clock) / rate(ref, clock) if rate(ref, clock) else None
             out.append({"target": f"CoS alternate vs transformers standard loop {r.rule} {r.param} "
-                                  f"T={r.temperature:g} B={r.batch} ({r.prompts}) >= 3x",
+                                  f"T={r.temperature:g} γ={r.gamma} B={r.batch} ({r.prompts}) >= 3x",
                         "value": ratio, "met": ratio is not None and ratio >= 3.0})
     return out
 
@@ -532,13 +552,14 @@ def targets_summary(rows: list[Row]) -> list[dict]:
 def write_outputs(out_dir: str | Path, rows: list[Row], meta: dict) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    targets = targets_summary(rows)
+    targets = targets_summary(rows, meta.get("clock", "cpu"))
     data = {"meta": meta, "rows": [asdict(r) for r in rows], "targets": targets}
     paths = {"json": out / "bench.json", "md": out / "bench.md"}
     paths["json"].write_text(json.dumps(data, indent=1, default=str))
     md = [f"# CoS benchmark ({meta.get('preset', '?')})", ""]
     for k in ("command", "started", "duration_s", "models", "target", "small", "third", "device",
-              "threads", "ld_preload", "load_avg_start", "load_avg_end", "warnings", "notes"):
+              "threads", "ld_preload", "load_avg_start", "load_avg_end", "clock", "c_by_batch", "warnings",
+              "notes"):
         if k in meta:
             md.append(f"- {k}: {meta[k]}")
     md += ["", markdown_table(rows), "", "## Targets (batch 1)", ""]
@@ -840,7 +861,7 @@ def generate_timed(llm, prompts: list[list[int]], batch: int, temperature: float
         return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
                               seed=seed + i, top_k=0 if temperature > 0 else -1)
 
-    tokens, start = 0, time.perf_counter()
+    tokens, start, cpu = 0, time.perf_counter(), time.process_time()
     if batch == 1:
         for i, p in enumerate(prompts):
             out = llm.generate([TokensPrompt(prompt_token_ids=p)], params(i), use_tqdm=False)
@@ -849,7 +870,7 @@ def generate_timed(llm, prompts: list[list[int]], batch: int, temperature: float
         reqs = [TokensPrompt(prompt_token_ids=prompts[i % len(prompts)]) for i in range(batch)]
         outs = llm.generate(reqs, [params(i) for i in range(batch)], use_tqdm=False)
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure_on_engine(llm, job: EngineJob, temperature: float, batch: int, prompt_set: str,
@@ -882,13 +903,17 @@ def measure_on_engine(llm, job: EngineJob, temperature: float, batch: int, promp
     return row
 
 
-def _set_timing(row: Row, runs: list[tuple[int, float]]) -> None:
-    """tok/s of the fastest repetition (the one least disturbed by other load); all kept in extra."""
-    rates = [t / s for t, s in runs if s > 0]
+def _set_timing(row: Row, runs: list[tuple]) -> None:
+    """Best repetition (the one least disturbed by other load) per clock; all kept in extra.
+    ``runs``: (tokens, wall seconds[, cpu seconds])."""
+    wall = [r[0] / r[1] for r in runs if r[1] > 0]
+    cpu = [r[0] / r[2] for r in runs if len(r) > 2 and r[2] > 0]
     best = max(range(len(runs)), key=lambda i: runs[i][0] / runs[i][1] if runs[i][1] > 0 else 0.0)
-    row.tokens, row.seconds = runs[best]
-    row.tokens_per_s = max(rates) if rates else None
-    row.extra["repeats_tok_s"] = [round(r, 2) for r in rates]
+    row.tokens, row.seconds = runs[best][0], runs[best][1]
+    row.tokens_per_s = max(wall) if wall else None
+    row.tokens_per_cpu_s = max(cpu) if cpu else None
+    row.extra["repeats_tok_s"] = [round(r, 2) for r in wall]
+    row.extra["repeats_tok_cpu_s"] = [round(r, 2) for r in cpu]
 
 
 def run_engine_job(job: EngineJob, models: dict, settings: Settings, prompt_ids: dict, progress) -> list[Row]:
@@ -939,18 +964,18 @@ def run_reference_peer(models: dict, rule: str, param: str, rule_dict: dict, tem
     decoder = ReferenceDecoder(cfg, list(loaded))
 
     def once():
-        tokens, start = 0, time.perf_counter()
+        tokens, start, cpu = 0, time.perf_counter(), time.process_time()
         if batch > 1:
             reqs = [prompts[i % len(prompts)] for i in range(batch)]
             specs = [SamplingSpec(max_tokens=settings.max_tokens, temperature=temperature, seed=settings.seed + i)
                      for i in range(batch)]
             outs = decoder.generate(reqs, specs)
-            return sum(len(o.token_ids) for o in outs), time.perf_counter() - start
+            return sum(len(o.token_ids) for o in outs), time.perf_counter() - start, time.process_time() - cpu
         for i, p in enumerate(prompts):
             out = decoder.generate([p], SamplingSpec(max_tokens=settings.max_tokens, temperature=temperature,
                                                      seed=settings.seed + i))
             tokens += len(out[0].token_ids)
-        return tokens, time.perf_counter() - start
+        return tokens, time.perf_counter() - start, time.process_time() - cpu
 
     row = Row(method="ref_standard", rule=rule, param=param, temperature=temperature, batch=batch,
               prompts=prompt_set, mean_tokens_per_step=1.0, extra={"main_gamma": settings.gamma})
@@ -987,10 +1012,10 @@ def run_hf_ensemble_peer(models: dict, lam: float, temperature: float, prompt_se
     return row
 
 
-def _hf_ensemble_once(large, small, lam, temperature, prompts, settings) -> tuple[int, float]:
+def _hf_ensemble_once(large, small, lam, temperature, prompts, settings) -> tuple[int, float, float]:
     import torch
 
-    tokens, start = 0, time.perf_counter()
+    tokens, start, cpu = 0, time.perf_counter(), time.process_time()
     for i, p in enumerate(prompts):
         torch.manual_seed(settings.seed + i)
         ids = torch.tensor([p], dtype=torch.long)
@@ -1005,7 +1030,7 @@ def _hf_ensemble_once(large, small, lam, temperature, prompts, settings) -> tupl
         with torch.inference_mode():
             out = large.generate(ids, **kwargs)
         tokens += out.shape[1] - ids.shape[1]
-    return tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, time.process_time() - cpu
 
 
 def run_peers(models: dict, settings: Settings, prompt_ids: dict, progress, threads: int) -> list[Row]:
@@ -1113,7 +1138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += run_engine_job(job, models, settings, prompt_ids, progress)
     finally:
         progress.close()
-    derive(rows)
+    derive(rows, args.clock)
     duration = time.perf_counter() - t0
     meta = {
         "preset": settings.preset, "command": "python -m vllm_cos.bench " + " ".join(argv),
@@ -1124,6 +1149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "threads": threads, "ld_preload": os.environ.get("LD_PRELOAD", ""),
         "load_avg_start": load_start, "load_avg_end": load_average(), "warnings": warnings,
         "settings": asdict(settings),
+        "clock": args.clock,
+        "c_by_batch": {b: round(c, 3) for b, c in cost_ratios(rows, args.clock).items()},
         "notes": "tok/s = generated tokens / wall time; load = 1-min load average after each measurement; "
                  "×std over standard collaborative decoding of the same rule/T/B/prompts",
     }
