@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Tokens/s of CoS schedules in the vLLM engine at batch 1 (offline ``LLM``, CPU build).
+
+    .venv/bin/python scripts/engine_speed.py --models models/tiny \
+        --schedules standard alternate --rule we --max-tokens 128 --requests 8
+
+Each schedule runs in its own child process (one engine per process).  The children run
+with ``LD_PRELOAD`` = Intel OpenMP (``libiomp5.so`` from the venv's ``intel-openmp``) and
+tcmalloc (Debian ``libtcmalloc-minimal4``), as vLLM recommends for CPU inference; a library
+that is missing is skipped with a message (``apt-get install libtcmalloc-minimal4``,
+``pip install intel-openmp``).  Requests are sent one at a time (batch 1), greedy,
+``ignore_eos``; the first request of each engine is a warm-up and is not timed.
+Prints one line per schedule and a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEXTS = ["def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(10):\n",
+         "return self.", "if __name__ == '__main__':\n", "with open(path) as f:\n", "raise ValueError("]
+RULES = {"we": {"name": "weighted_ensemble", "weights": {"large": 0.5, "small": 0.5}},
+         "cd": {"name": "contrastive", "expert": "large", "amateur": "small", "mu": 0.5}}
+
+
+def preload_libraries() -> tuple[list[str], list[str]]:
+    """(libraries found, messages about missing ones)."""
+    found, missing = [], []
+    venv_lib = Path(sys.prefix) / "lib" / "libiomp5.so"
+    if venv_lib.exists():
+        found.append(str(venv_lib))
+    else:
+        missing.append(f"Intel OpenMP not found at {venv_lib} (pip install intel-openmp); skipped")
+    for candidate in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+                      "/usr/lib/libtcmalloc_minimal.so.4"):
+        if Path(candidate).exists():
+            found.append(candidate)
+            break
+    else:
+        missing.append("tcmalloc not found (apt-get install libtcmalloc-minimal4); skipped")
+    return found, missing
+
+
+def run_child(args) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    models = Path(args.models).resolve()
+    spec = {"models": [{"name": "large", "path": str(models / "large"), "gamma": 1},
+                       {"name": "small", "path": str(models / "small"), "gamma": args.gamma}],
+            "rule": RULES[args.rule], "schedule": args.child}
+    llm = LLM(model=str(models / "large"), speculative_config=spec, dtype="float32", enforce_eager=True,
+              max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.2, seed=0,
+              enable_prefix_caching=False)
+    tok = AutoTokenizer.from_pretrained(str(models / "large"))
+    prompts = [tok.encode(TEXTS[i % len(TEXTS)], add_special_tokens=False) for i in range(args.requests + 1)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)  # warm-up
+    stats_before = None
+    if args.child != "standard":
+        from vllm_cos.engine import cos_stats
+
+        stats_before = cos_stats(llm)[0]
+    tokens, seconds = 0, 0.0
+    for p in prompts[1:]:
+        start = time.perf_counter()
+        out = llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
+        seconds += time.perf_counter() - start
+        tokens += len(out[0].outputs[0].token_ids)
+    result = {"schedule": args.child, "rule": args.rule, "requests": args.requests, "tokens": tokens,
+              "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
+    if stats_before is not None:
+        from vllm_cos.engine import cos_stats
+
+        after = cos_stats(llm)[0]
+        d = {k: after[k] - stats_before[k] for k in ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted",
+                                                      "bonus_proposed", "bonus_accepted", "tokens_emitted", "row_steps")}
+        proposed = d["drafts_proposed"] + d["bonus_proposed"]
+        result.update(acceptance_rate=round((d["drafts_accepted"] + d["bonus_accepted"]) / max(proposed, 1), 3),
+                      mean_accepted_length=round(d["tokens_emitted"] / max(d["row_steps"], 1), 3),
+                      forwards_large=d["steps"], forwards_small=d["draft_forwards"])
+    else:
+        result.update(forwards_large=tokens, forwards_small=tokens)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=os.environ.get("VLLM_COS_MODELS_DIR", "models/tiny"))
+    parser.add_argument("--schedules", nargs="+", default=["standard", "alternate"])
+    parser.add_argument("--rule", choices=list(RULES), default="we")
+    parser.add_argument("--gamma", type=int, default=3, help="draft tokens of the small model")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the engine")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(run_child(args)), flush=True)
+        return 0
+
+    libs, messages = preload_libraries()
+    for m in messages:
+        print(f"engine_speed: {m}", file=sys.stderr)
+    env = dict(os.environ)
+    if libs:
+        env["LD_PRELOAD"] = ":".join(libs + ([env["LD_PRELOAD"]] if env.get("LD_PRELOAD") else []))
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    print(f"engine_speed: LD_PRELOAD={env.get('LD_PRELOAD', '')}", file=sys.stderr)
+    results = []
+    for schedule in args.schedules:
+        cmd = [sys.executable, __file__, "--child", schedule, "--models", args.models, "--rule", args.rule,
+               "--gamma", str(args.gamma), "--max-tokens", str(args.max_tokens), "--requests", str(args.requests)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+            print(f"engine_speed: {schedule} failed (rc {proc.returncode})", file=sys.stderr)
+            return 1
+        result = json.loads(line[len("RESULT "):])
+        results.append(result)
+        extra = ""
+        if "acceptance_rate" in result:
+            extra = (f", acceptance {result['acceptance_rate']}, mean accepted length "
+                     f"{result['mean_accepted_length']}")
+        print(f"{schedule:9s} {result['tokens_per_s']:8.2f} tok/s ({result['tokens']} tokens in "
+              f"{result['seconds']} s, forwards large={result['forwards_large']} small={result['forwards_small']}"
+              f"{extra})", flush=True)
+    by = {r["schedule"]: r for r in results}
+    if "standard" in by:
+        for r in results:
+            r["speedup_vs_standard"] = round(r["tokens_per_s"] / by["standard"]["tokens_per_s"], 3)
+    print(json.dumps({"ld_preload": env.get("LD_PRELOAD", ""), "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
