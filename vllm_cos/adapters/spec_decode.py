@@ -482,6 +482,11 @@ def make_proposer_class(stock_class):
             params = RowParams(sampling_metadata, batch, hidden.device)
             token_indices = token_indices[:batch].long()
             tokens = self._verify_pending(hidden, token_indices, next_token_ids, params, batch)
+            if self._cos_discard is not None:  # partial prefill chunks emitted nothing after all
+                discarded = int(self._cos_discard[:batch].bool().sum())
+                core.stats.tokens_emitted -= discarded
+                core.stats.row_steps -= discarded
+            self._cos_sampled = self._cos_discard = None  # set again by the next step's bookkeeping
             changed = tokens != next_token_ids[:batch].long()
 
             # From here on: one token per row.
