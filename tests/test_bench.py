@@ -225,3 +225,12 @@ def test_cost_ratio_is_pooled_per_batch():
             Row(method="single_proposer", temperature=1.0, batch=1, tokens_per_s=100.0, **common)]
     # t_p = (0.01 + 0.02) / 2, t_q = (0.005 + 0.01) / 2
     assert bench.cost_ratios(rows) == {1: pytest.approx(0.5)}
+
+
+def test_json_round_trip_and_replot(tmp_path):
+    rows = _rows()
+    bench.derive(rows)
+    paths = bench.write_outputs(tmp_path, rows, {"preset": "test"})
+    again, meta = bench.load_rows(paths["json"])
+    assert [r.key() for r in again] == [r.key() for r in rows] and meta["preset"] == "test"
+    assert bench.main(["--replot", str(paths["json"])]) == 0

@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="OMP / torch threads (default: 1 on <= 4 cores, else half the cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", metavar="BENCH_JSON", default=None,
+                   help="only rewrite the markdown and plots of an earlier run's bench.json (no engines)")
     p.add_argument("--clock", choices=CLOCKS, default="cpu",
                    help="clock for speedups, c and targets: cpu (process CPU time, robust to other "
                         "load on a shared box; default) or wall")
@@ -590,7 +592,10 @@ def write_plots(out_dir: str | Path, rows: list[Row]) -> list[Path] | str:
         written.append(path)
 
     # speedup vs lambda, one line per (method, proposer), batch 1, T=1
-    we = [r for r in ok if r.rule == "we" and r.param.startswith("lambda=") and r.batch == 1]
+    labels = {"naive": "naive CoS (proposer {p})", "alternate": "CoS + APF (first proposer {p})",
+              "hf_ensemble": "transformers static ensemble", "ref_standard": "transformers standard loop"}
+    we = [r for r in ok if r.rule == "we" and r.param.startswith("lambda=") and r.batch == 1
+          and r.method in labels]
     if we:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for (method, proposer, t) in sorted({(r.method, r.proposer, r.temperature) for r in we},
@@ -600,13 +605,16 @@ def write_plots(out_dir: str | Path, rows: list[Row]) -> list[Path] | str:
                          and r.gamma in (None, _main_gamma(rows)))
             pts = _mean_by_x(pts)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=f"{method} (proposer {proposer}, T={t:g})")
+                ax.plot(*zip(*pts), marker="o", label=labels[method].format(p=proposer) + f", T={t:g}")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("λ (weight of the served model)")
         ax.set_ylabel("speedup over standard")
         ax.legend(fontsize=7)
         save(fig, "speedup_vs_lambda.png")
     gam = [r for r in ok if r.method in ("naive", "alternate") and r.batch == 1 and r.gamma]
+    grid_sets = {r.prompts for r in gam if r.gamma != _main_gamma(rows)}
+    if grid_sets:  # the grid runs on one prompt set: compare like with like
+        gam = [r for r in gam if r.prompts in grid_sets]
     if len({r.gamma for r in gam}) > 1:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for (method, rule, param, t) in sorted({(r.method, r.rule, r.param, r.temperature) for r in gam}):
@@ -1117,9 +1125,25 @@ def progress_bar(total: int):
         return _NoBar(total)
 
 
+def load_rows(path: str | Path) -> tuple[list[Row], dict]:
+    data = json.loads(Path(path).read_text())
+    return [Row(**r) for r in data["rows"]], data.get("meta", {})
+
+
+def replot(path: str | Path) -> int:
+    rows, meta = load_rows(path)
+    out = Path(path).parent
+    paths = write_outputs(out, rows, meta)
+    plots = write_plots(out, rows)
+    print(plots if isinstance(plots, str) else "bench: wrote " + ", ".join(map(str, [paths["md"], *plots])))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     settings, args = parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
     warnings = [] if args.no_reexec else maybe_reexec(argv, args.threads)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS", default_threads()))
