@@ -78,7 +78,7 @@ def main(argv=None):
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    tokens, _ = bench.generate_timed(llm, prompts[:1] if args.batch == 1 else prompts, args.batch,
+    tokens, *_ = bench.generate_timed(llm, prompts[:1] if args.batch == 1 else prompts, args.batch,
                                      args.temperature, args.max_tokens, 0)
     prof.disable()
     wall = time.perf_counter() - t0

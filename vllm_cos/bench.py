@@ -34,9 +34,11 @@ OpenMP (``libiomp5.so`` of the venv's intel-openmp), ``OMP_NUM_THREADS`` (``--th
 :func:`default_threads`), ``KMP_BLOCKTIME=1`` and ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
 (``--no-reexec`` skips this).  Engines: float32, eager, prefix caching off, 256 MiB KV cache.
 
-Durations on the 2-core dev box (load 5-9 from other engines): ``--preset smoke`` ~1 min,
-``--quick`` ~7 min (9 engine starts + peers), ``--full`` ~35-45 min (35 engine starts; batch 32
-and the gamma / lambda grids dominate).
+Durations on the 2-core dev box (load 4-6 from other engines, 1 thread): ``--preset smoke``
+40-60 s (4 engines); ``--quick`` 7.3 min measured (15 engine starts incl. 2 refused 3-model
+configs, 54 engine measurements + 10 peer measurements, 3 repetitions each); ``--full`` not run
+end to end yet: 46 engine starts, 310 engine + 76 peer measurements with longer generations,
+estimated 75-90 min by scaling the quick run.
 
 Theory (what ``predicted`` means)
 ---------------------------------
