@@ -55,7 +55,10 @@ def test_publish_adds_growth_and_sets_gauges():
 
 
 def test_serve_gets_a_multiprocess_metrics_dir(monkeypatch):
-    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    # setenv first so that monkeypatch restores the variable's absence afterwards (a stale
+    # value would leak into the server started by test_engine_server.py)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "unset-me")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
     monkeypatch.setattr(cli, "_metrics_dir", None)
     assert cli.install_metrics_dir(["--version"]) is None
     assert "PROMETHEUS_MULTIPROC_DIR" not in os.environ
@@ -65,6 +68,7 @@ def test_serve_gets_a_multiprocess_metrics_dir(monkeypatch):
 
 
 def test_user_metrics_dir_is_kept(monkeypatch, tmp_path):
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
     assert cli.install_metrics_dir(["serve", "model"]) is None
-    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path)
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "metrics")
+    assert (tmp_path / "metrics").is_dir()  # created when missing (prometheus_client would fail)

@@ -73,7 +73,10 @@ def install_metrics_dir(args: list[str]) -> str | None:
     import os
     import tempfile
 
-    if "serve" not in args[:1] or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if "serve" not in args[:1]:
+        return None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)  # the user's; must exist
         return None
     _metrics_dir = tempfile.TemporaryDirectory(prefix="vllm-cos-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir.name
