@@ -20,15 +20,8 @@ from vllm_cos.config import ConfigError
 
 
 @pytest.fixture(scope="session")
-def models(request) -> dict[str, Path]:
-    """The shared tiny models (``tiny_models`` from conftest; built directly if absent)."""
-    try:
-        return request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:
-        shared = Path("/work/shared/models")
-        if (shared / "large").is_dir():  # until conftest's tiny_models exists
-            return {"large": shared / "large", "medium": shared / "expert-a", "small": shared / "small"}
-        pytest.skip("no tiny models (tiny_models fixture missing)")
+def models(tiny_models) -> dict[str, Path]:
+    return tiny_models
 
 
 def _yaml(tmp_path: Path, text: str, name: str = "cos.yaml") -> Path:

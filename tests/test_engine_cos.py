@@ -42,14 +42,8 @@ PROMPT_FOR_SAMPLING = "import os\nimport sys\n\n\ndef main():\n    "
 
 
 @pytest.fixture(scope="module")
-def models(request) -> dict[str, Path]:
-    try:
-        return request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:
-        shared = Path("/work/shared/models")
-        if (shared / "large").is_dir():  # until conftest's tiny_models exists
-            return {"large": shared / "large", "medium": shared / "expert-a", "small": shared / "small"}
-        pytest.skip("no tiny models (tiny_models fixture missing)")
+def models(tiny_models) -> dict[str, Path]:
+    return tiny_models
 
 
 def cos_spec(models, rule: str, schedule: str) -> dict:

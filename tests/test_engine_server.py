@@ -31,14 +31,8 @@ MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def models(request) -> dict[str, Path]:
-    try:
-        return request.getfixturevalue("tiny_models")
-    except pytest.FixtureLookupError:
-        shared = Path("/work/shared/models")
-        if (shared / "large").is_dir():
-            return {"large": shared / "large", "medium": shared / "expert-a", "small": shared / "small"}
-        pytest.skip("no tiny models (tiny_models fixture missing)")
+def models(tiny_models) -> dict[str, Path]:
+    return tiny_models
 
 
 def _free_port() -> int:
