@@ -619,11 +619,7 @@ def write_plots(out_dir: str | Path, rows: list[Row]) -> list[Path] | str:
         gam = [r for r in gam if r.prompts in grid_sets]
     if len({r.gamma for r in gam}) > 1:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for (method, rule, param, t) in sorted({(r.method, r.rule, r.param, r.temperature) for r in gam}):
-            pts = _mean_by_x(sorted((r.gamma, r.speedup_vs_standard) for r in gam
-                                    if (r.method, r.rule, r.param, r.temperature) == (method, rule, param, t)))
-            if len(pts) > 1:
-                ax.plot(*zip(*pts), marker="o", label=f"{method} {rule} {param} T={t:g}")
+        _plot_speedup_curves(ax, gam, "gamma")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("γ (proposer draft length)")
         ax.set_ylabel("speedup over standard")
@@ -632,11 +628,7 @@ def write_plots(out_dir: str | Path, rows: list[Row]) -> list[Path] | str:
     bat = [r for r in ok if r.method in ("naive", "alternate", "sd") and r.gamma in (None, _main_gamma(rows))]
     if len({r.batch for r in bat}) > 1:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for (method, rule, param, t) in sorted({(r.method, r.rule, r.param, r.temperature) for r in bat}):
-            pts = _mean_by_x(sorted((r.batch, r.speedup_vs_standard) for r in bat
-                                    if (r.method, r.rule, r.param, r.temperature) == (method, rule, param, t)))
-            if len(pts) > 1:
-                ax.plot(*zip(*pts), marker="o", label=f"{method} {rule} {param} T={t:g}")
+        _plot_speedup_curves(ax, bat, "batch")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (concurrent requests)")
@@ -649,6 +641,16 @@ def write_plots(out_dir: str | Path, rows: list[Row]) -> list[Path] | str:
 def _main_gamma(rows: list[Row]) -> int | None:
     gs = [r.extra.get("main_gamma") for r in rows if r.extra.get("main_gamma")]
     return gs[0] if gs else None
+
+
+def _plot_speedup_curves(ax, rows, x_attr: str) -> None:
+    """One line per (method, rule, param, T): speedup over standard against ``x_attr``."""
+    for key in sorted({(r.method, r.rule, r.param, r.temperature) for r in rows}):
+        pts = _mean_by_x(sorted((getattr(r, x_attr), r.speedup_vs_standard) for r in rows
+                                if (r.method, r.rule, r.param, r.temperature) == key))
+        if len(pts) > 1:
+            method, rule, param, t = key
+            ax.plot(*zip(*pts), marker="o", label=f"{method} {rule} {param} T={t:g}")
 
 
 def _mean_by_x(pts):
