@@ -62,6 +62,15 @@ def test_custom_rule(model_dirs):
     assert cfg.rule.function == "torch:maximum"
 
 
+def test_top_level_gamma_list_and_integer(model_dirs):
+    raw = base(model_dirs)
+    for m in raw["models"]:
+        m.pop("gamma", None)
+    assert load_config({**raw, "gamma": [2, 5]}).gammas == (2, 5)
+    assert load_config({**raw, "gamma": 4}).gammas == (4, 4)
+    assert load_config(load_config({**raw, "gamma": [2, 5]}).to_dict()).gammas == (2, 5)
+
+
 def _error(raw) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         load_config(raw)
@@ -104,6 +113,10 @@ def _error(raw) -> ConfigError:
     (lambda r: r.update(proposer="zz"), "proposer", "not one of"),
     (lambda r: r.update(proposal="greedy"), "proposal", "must be one of"),
     (lambda r: r["models"][0].update(gamma=0), "models[0].gamma", "alternate"),
+    (lambda r: (r.update(gamma=[1, 2, 3]), [m.pop("gamma", None) for m in r["models"]]), "gamma", "has 3 entries but models lists 2"),
+    (lambda r: (r.update(gamma=[1, "2"]), [m.pop("gamma", None) for m in r["models"]]), "gamma[1]", "must be an integer"),
+    (lambda r: (r.update(gamma=-1), [m.pop("gamma", None) for m in r["models"]]), "gamma", "must be >= 0"),
+    (lambda r: r.update(gamma=[1, 2]), "models[0].gamma", "also set by the top-level gamma"),
     (lambda r: (r.update(schedule="naive", proposer="b"), r["models"][1].update(gamma=0)), "models[1].gamma", "naive proposer"),
 ])
 def test_every_config_error_names_its_field(model_dirs, mutate, field, words):

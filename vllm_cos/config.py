@@ -129,8 +129,10 @@ def _read_source(source) -> tuple[str, Path]:
 
 def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
     _check_keys(raw, "<top level>", required={"models", "rule"},
-                optional={"target", "schedule", "proposer", "proposal"})
+                optional={"target", "schedule", "proposer", "proposal", "gamma"})
     models = _parse_models(raw["models"], base_dir)
+    if "gamma" in raw:
+        models = _apply_gamma_list(raw["gamma"], raw["models"], models)
     names = [m.name for m in models]
 
     target = raw.get("target", names[0])
@@ -155,6 +157,27 @@ def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
                                   f"schedule 'alternate' needs gamma >= 1 for every model, {m.name!r} has {m.gamma}")
     return CoSConfig(models=tuple(models), rule=rule, target=target, schedule=schedule,
                      proposer=proposer, proposal=proposal)
+
+
+def _apply_gamma_list(value, raw_models: list, models: list[ModelSpec]) -> list[ModelSpec]:
+    """Top-level ``gamma``: one integer for every model, or a list in the order of ``models``."""
+    names = [m.name for m in models]
+    if isinstance(value, list):
+        if len(value) != len(models):
+            raise ConfigError("gamma", f"has {len(value)} entries but models lists {len(models)} "
+                                       f"({', '.join(names)}); give one gamma per model, in that order")
+        gammas = value
+    else:
+        gammas = [value] * len(models)
+    for i, (g, item) in enumerate(zip(gammas, raw_models)):
+        where = "gamma" if not isinstance(value, list) else f"gamma[{i}]"
+        if isinstance(g, bool) or not isinstance(g, int):
+            raise ConfigError(where, f"must be an integer, got {g!r}")
+        if g < 0:
+            raise ConfigError(where, f"must be >= 0, got {g}")
+        if isinstance(item, Mapping) and "gamma" in item:
+            raise ConfigError(f"models[{i}].gamma", "is also set by the top-level gamma; set it in one place")
+    return [ModelSpec(name=m.name, path=m.path, gamma=g, dtype=m.dtype) for m, g in zip(models, gammas)]
 
 
 def _default_proposer(models: list[ModelSpec], target: str) -> str:
