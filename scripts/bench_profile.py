@@ -31,7 +31,7 @@ PARTS = [  # (label, substring of "file:function" to match in cumulative stats)
     ("draft proposer propose", "spec_decode.py:propose"),
     ("verify (math)", "verify.py:verify"),
     ("LlamaForCausalLM/LlamaModel forwards (nested)", "llama.py:forward"),
-    ("CoS standard wrapper forward", "standard_model.py:forward"),
+    ("CoS standard wrapper forward", "member_stack.py:forward"),
     ("attention (cpu_attn)", "cpu_attn.py:forward"),
     ("scheduler.update_from_output", "scheduler.py:update_from_output"),
     ("output processor", "output_processor.py:process_outputs"),

@@ -3,6 +3,8 @@
 
     .venv/bin/python scripts/engine_speed.py --models models/tiny \
         --schedules standard alternate --rule we --max-tokens 128 --requests 8
+    # three collaborators (equal-weight ensemble), one draft token each (the paper's setting):
+    .venv/bin/python scripts/engine_speed.py --models models/tiny --collaborators large medium small --gamma 1
 
 Each schedule runs in its own child process (one engine per process).  The children run
 with ``LD_PRELOAD`` = Intel OpenMP (``libiomp5.so`` from the venv's ``intel-openmp``) and
@@ -25,7 +27,7 @@ from pathlib import Path
 
 TEXTS = ["def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(10):\n",
          "return self.", "if __name__ == '__main__':\n", "with open(path) as f:\n", "raise ValueError("]
-RULES = {"we": {"name": "weighted_ensemble", "weights": {"large": 0.5, "small": 0.5}},
+RULES = {"we": {"name": "weighted_ensemble"},  # equal weights
          "cd": {"name": "contrastive", "expert": "large", "amateur": "small", "mu": 0.5}}
 
 
@@ -55,13 +57,14 @@ def run_child(args) -> dict:
     from vllm.inputs import TokensPrompt
 
     models = Path(args.models).resolve()
-    spec = {"models": [{"name": "large", "path": str(models / "large"), "gamma": 1},
-                       {"name": "small", "path": str(models / "small"), "gamma": args.gamma}],
+    served = args.collaborators[0]
+    spec = {"models": [{"name": name, "path": str(models / name), "gamma": 1 if name == served else args.gamma}
+                       for name in args.collaborators],
             "rule": RULES[args.rule], "schedule": args.child}
-    llm = LLM(model=str(models / "large"), speculative_config=spec, dtype="float32", enforce_eager=True,
+    llm = LLM(model=str(models / served), speculative_config=spec, dtype="float32", enforce_eager=True,
               max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.2, seed=0,
               enable_prefix_caching=False)
-    tok = AutoTokenizer.from_pretrained(str(models / "large"))
+    tok = AutoTokenizer.from_pretrained(str(models / served))
     prompts = [tok.encode(TEXTS[i % len(TEXTS)], add_special_tokens=False) for i in range(args.requests + 1)]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)  # warm-up
@@ -92,9 +95,10 @@ def run_child(args) -> dict:
         proposed = d["drafts_proposed"] + d["bonus_proposed"]
         result.update(acceptance_rate=round((d["drafts_accepted"] + d["bonus_accepted"]) / max(proposed, 1), 3),
                       mean_accepted_length=round(d["tokens_emitted"] / max(d["row_steps"], 1), 3),
-                      forwards_large=d["steps"], forwards_small=d["draft_forwards"])
+                      mean_tokens_per_step=round(d["tokens_emitted"] / max(d["steps"], 1), 3),
+                      forwards_served=d["steps"], forwards_draft_group=d["draft_forwards"])
     else:
-        result.update(forwards_large=tokens, forwards_small=tokens)
+        result.update(forwards_served=tokens, forwards_draft_group=0)
     return result
 
 
@@ -103,7 +107,9 @@ def main() -> int:
     parser.add_argument("--models", default=os.environ.get("VLLM_COS_MODELS_DIR", "models/tiny"))
     parser.add_argument("--schedules", nargs="+", default=["standard", "alternate"])
     parser.add_argument("--rule", choices=list(RULES), default="we")
-    parser.add_argument("--gamma", type=int, default=3, help="draft tokens of the small model")
+    parser.add_argument("--collaborators", nargs="+", default=["large", "small"],
+                        help="model directories under --models; the first one is served")
+    parser.add_argument("--gamma", type=int, default=3, help="draft tokens of each non-served model per step")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the engine")
@@ -113,6 +119,8 @@ def main() -> int:
         print("RESULT " + json.dumps(run_child(args)), flush=True)
         return 0
 
+    if args.rule == "cd" and len(args.collaborators) != 2:
+        parser.error("--rule cd takes exactly two --collaborators")
     libs, messages = preload_libraries()
     for m in messages:
         print(f"engine_speed: {m}", file=sys.stderr)
@@ -125,6 +133,7 @@ def main() -> int:
     results = []
     for schedule in args.schedules:
         cmd = [sys.executable, __file__, "--child", schedule, "--models", args.models, "--rule", args.rule,
+               "--collaborators", *args.collaborators,
                "--gamma", str(args.gamma), "--max-tokens", str(args.max_tokens), "--requests", str(args.requests)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -137,11 +146,12 @@ def main() -> int:
         extra = ""
         if "acceptance_rate" in result:
             extra = (f", acceptance {result['acceptance_rate']}, mean accepted length "
-                     f"{result['mean_accepted_length']}")
+                     f"{result['mean_accepted_length']}, tokens per engine step {result['mean_tokens_per_step']}")
         cpu = (f", {result['tokens_per_cpu_s']} tok/CPU-s, load {result['load_avg_1m']}"
                if "tokens_per_cpu_s" in result else "")
         print(f"{schedule:9s} {result['tokens_per_s']:8.2f} tok/s ({result['tokens']} tokens in "
-              f"{result['seconds']} s{cpu}, forwards large={result['forwards_large']} small={result['forwards_small']}"
+              f"{result['seconds']} s{cpu}, forwards served={result['forwards_served']} "
+              f"draft group={result['forwards_draft_group']}"
               f"{extra})", flush=True)
     by = {r["schedule"]: r for r in results}
     if "standard" in by:

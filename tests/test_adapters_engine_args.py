@@ -110,12 +110,48 @@ def test_served_model_must_be_the_target(models):
         engine.prepare_engine(spec, str(models["large"]), env={})
 
 
-def test_three_models_refused(models):
-    spec = _spec(models)
-    spec["models"].append({"name": "medium", "path": str(models["medium"])})
-    spec["rule"] = "weighted_ensemble"
-    with pytest.raises(engine.CoSStartupError, match="supports 2 collaborating models"):
+def _three(models, schedule="alternate", gamma=(1, 1, 2), proposer=None):
+    spec = {"models": [{"name": n, "path": str(models[n])} for n in ("large", "medium", "small")],
+            "rule": "weighted_ensemble", "schedule": schedule, "gamma": list(gamma)}
+    if proposer:
+        spec["proposer"] = proposer
+    return spec
+
+
+@pytest.mark.parametrize("schedule, gamma, proposer, plan, drafts", [
+    ("alternate", (1, 1, 2), None, ("medium", "small", "small"), 3),
+    ("alternate", (1, 1, 2), "small", ("small", "small", "medium"), 3),
+    ("alternate", (3, 1, 1), "large", ("medium", "small"), 2),  # served model: one bonus per step
+    ("naive", (1, 1, 2), "small", ("small", "small"), 2),
+])
+def test_three_model_draft_plan(models, schedule, gamma, proposer, plan, drafts):
+    cfg, overrides = engine.prepare_engine(_three(models, schedule, gamma, proposer), str(models["large"]), env={})
+    assert tuple(cfg.model_names[i] for i in engine.draft_plan(cfg)) == plan
+    spec = overrides["speculative_config"]
+    assert spec["num_speculative_tokens"] == drafts
+    assert spec["model"] == str(Path(models["medium"]).resolve())  # the draft group's first checkpoint
+
+
+def test_gamma_list_must_match_the_models(models):
+    spec = _three(models, gamma=(1, 2))
+    with pytest.raises(ConfigError, match=r"^cos config: gamma: has 2 entries but models lists 3 "
+                                          r"\(large, medium, small\)"):
         engine.prepare_engine(spec, str(models["large"]), env={})
+
+
+def test_five_models_refused(models, tmp_path):
+    spec = _three(models, gamma=(1, 1, 1, 1, 1))
+    for name in ("copy1", "copy2"):
+        shutil.copytree(models["small"], tmp_path / name)
+        spec["models"].append({"name": name, "path": str(tmp_path / name)})
+    with pytest.raises(engine.CoSStartupError, match="supports up to 4 collaborating models, got 5"):
+        engine.prepare_engine(spec, str(models["large"]), env={})
+
+
+def test_kv_share_line():
+    line = engine.kv_share_line({"large": 2048, "medium": 1536, "small": 1024}, 16, 100)
+    assert line.startswith("cos: KV cache holds 1600 tokens (100 blocks x 16) for each of the 3 models")
+    assert "large 2048 B/token (44%)" in line and "small 1024 B/token (22%)" in line
 
 
 def test_naive_proposer_cannot_be_the_served_model(models):
@@ -156,6 +192,16 @@ def test_different_vocabularies_name_both_models(models, tmp_path):
         engine.prepare_engine(spec, str(models["large"]), env={})
     message = str(err.value)
     assert "'large'" in message and "'othertok'" in message and "(tokenizer vocab 6)" in message
+
+
+def test_three_models_one_tokenizer_differs(models, tmp_path):
+    other = _other_tokenizer_model(models, tmp_path)
+    spec = _three(models)
+    spec["models"][2] = {"name": "othertok", "path": str(other)}
+    with pytest.raises(engine.CoSStartupError) as err:
+        engine.prepare_engine(spec, str(models["large"]), env={})
+    message = str(err.value)
+    assert "'large'" in message and "'othertok'" in message and "different tokenizers" in message
 
 
 def test_embedding_padding_is_allowed(models, tmp_path):

@@ -169,6 +169,11 @@ def test_plan_covers_the_issue(tmp_path):
     three = next(j for j in jobs if j.param == "3 models equal" and j.method == "alternate")
     assert len(three.spec["models"]) == 3
     assert {j.gamma for j in jobs if j.method == "alternate" and j.param == "lambda=0.5"} == set(range(1, 7))
+    swapped = [j for j in jobs if j.proposer == "large"]
+    assert {(j.method, j.param) for j in swapped} == {(m, f"lambda={lam:g}") for m in ("naive", "alternate")
+                                                     for lam in s.lambdas}
+    assert all(j.served == "small" and j.spec["proposer"] == "large"
+               and [m["name"] for m in j.spec["models"]] == ["small", "large"] for j in swapped)
     sd = next(j for j in jobs if j.method == "sd")
     assert sd.spec["method"] == "draft_model"
     with pytest.raises(SystemExit):

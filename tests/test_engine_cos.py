@@ -14,13 +14,12 @@ For each rule (weighted ensemble, contrastive) one engine per schedule is starte
 
 from __future__ import annotations
 
-import gc
-import os
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from engine_helpers import CODE_PROMPTS as TEXTS, PROMPT_FOR_SAMPLING, OneEngine, greedy, r_next
 
 pytestmark = pytest.mark.engine
 
@@ -31,14 +30,6 @@ RULES = {
     "we": {"name": "weighted_ensemble", "weights": {"large": 0.5, "small": 0.5}},
     "cd": {"name": "contrastive", "expert": "large", "amateur": "small", "mu": 0.5},
 }
-TEXTS = [
-    "def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(10):\n",
-    "return self.", "if __name__ == '__main__':\n", "    def __repr__(self):\n        return ", "x = [",
-    "from collections import ", "try:\n    ", "with open(path) as f:\n", "raise ValueError(",
-    "    @property\n    def ", "print(", "while True:\n    ", "lambda x: ", "assert isinstance(",
-    "elif ", "yield from ", "self.assertEqual(",
-]
-PROMPT_FOR_SAMPLING = "import os\nimport sys\n\n\ndef main():\n    "
 
 
 @pytest.fixture(scope="module")
@@ -52,40 +43,9 @@ def cos_spec(models, rule: str, schedule: str) -> dict:
             "rule": RULES[rule], "schedule": schedule}
 
 
-class Engines:
-    """At most one engine alive; started on demand."""
-
-    def __init__(self, models):
-        self.models = models
-        self.key = None
-        self.llm = None
-
-    def get(self, rule: str, schedule: str):
-        if self.key != (rule, schedule):
-            self.close()
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            from vllm import LLM
-
-            self.llm = LLM(model=str(self.models["large"]), speculative_config=cos_spec(self.models, rule, schedule),
-                           dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=64,
-                           gpu_memory_utilization=0.2, seed=0, enable_prefix_caching=False)
-            self.key = (rule, schedule)
-        return self.llm
-
-    def close(self):
-        if self.llm is not None:
-            try:
-                self.llm.llm_engine.engine_core.shutdown()
-            except Exception:
-                pass
-            self.llm = None
-            self.key = None
-            gc.collect()
-
-
 @pytest.fixture(scope="module")
 def engines(models):
-    e = Engines(models)
+    e = OneEngine(models["large"], lambda *key: cos_spec(models, *key))
     yield e
     e.close()
 
@@ -102,15 +62,7 @@ _results: dict = {}
 
 
 def _greedy(llm, prompts, batch: bool):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    if batch:
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
-    return [list(llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)[0].outputs[0].token_ids)
-            for p in prompts]
+    return greedy(llm, prompts, MAX_TOKENS, batch)
 
 
 def _reference(models, rule, prompts):
@@ -150,21 +102,9 @@ def test_greedy_identity(engines, models, prompts, rule, schedule):
 
 
 def _expected_first_token(models, rule, prompt, temperature, top_k, top_p):
-    from transformers import AutoModelForCausalLM
-
-    from vllm_cos.combine import build_combiner
     from vllm_cos.config import load_config
-    from vllm_cos.sampling import apply_sampling_params
 
-    cfg = load_config(cos_spec(models, rule, "alternate"))
-    logits = []
-    for name in cfg.model_names:
-        model = AutoModelForCausalLM.from_pretrained(str(models[name]), dtype=torch.float32)
-        with torch.no_grad():
-            logits.append(model(torch.tensor([prompt])).logits[0, -1])
-    combined = build_combiner(cfg.rule, cfg.model_names)(torch.stack(logits).unsqueeze(1))
-    return apply_sampling_params(combined, torch.tensor([temperature]), torch.tensor([top_k]),
-                                 torch.tensor([top_p]))[0].double()
+    return r_next(load_config(cos_spec(models, rule, "alternate")), prompt, temperature, top_k, top_p)
 
 
 def _chi_square(counts: Counter, probs: torch.Tensor, n: int) -> float:

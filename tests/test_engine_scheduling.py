@@ -6,22 +6,19 @@ to the reference (``vllm_cos.reference.generate``) in every case.
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
+from engine_helpers import CODE_PROMPTS
+
+from vllm_cos.engine import shutdown_llm
 
 pytestmark = pytest.mark.engine
 
 BLOCK_SIZE = 32
 NUM_BLOCKS = 12  # 384 token slots for 16 requests that each grow past one block: preemption
 MAX_TOKENS = 40
-TEXTS = [
-    "def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(10):\n",
-    "return self.", "if __name__ == '__main__':\n", "    def __repr__(self):\n        return ", "x = [",
-    "from collections import ", "try:\n    ", "with open(path) as f:\n", "raise ValueError(",
-    "    @property\n    def ", "print(", "while True:\n    ", "lambda x: ",
-]
+TEXTS = CODE_PROMPTS[:16]
 SHARED_PREFIX = ("import os\nimport sys\nimport json\n\n\nclass Config:\n    def __init__(self, path):\n"
                  "        self.path = path\n        self.values = {}\n\n    def load(self):\n"
                  "        with open(self.path) as f:\n            self.values = json.load(f)\n")
@@ -45,12 +42,7 @@ def llm(tiny_models):
                  num_gpu_blocks_override=NUM_BLOCKS, gpu_memory_utilization=0.2, seed=0,
                  disable_log_stats=False)
     yield engine
-    try:
-        engine.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del engine
-    gc.collect()
+    shutdown_llm(engine)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ Two in-process engine starts in all (one per draft configuration).
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 from collections import Counter
@@ -25,6 +24,8 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+
+from vllm_cos.engine import shutdown_llm
 
 pytestmark = pytest.mark.engine
 
@@ -51,15 +52,6 @@ def _engine(model: str, draft: str, num_spec: int, max_num_seqs: int):
                                 num_speculative_tokens=num_spec,
                                 draft_sample_method="probabilistic"),
     )
-
-
-def _shutdown(llm) -> None:
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
 
 
 def _spec_counters(llm) -> tuple[float, float]:
@@ -130,7 +122,7 @@ def test_draft_equals_target_accepts_all_drafts_at_t1(tiny_models, prompt_ids):
         outs = llm.generate(prompts, params, use_tqdm=False)
         acc1, draft1 = _spec_counters(llm)
     finally:
-        _shutdown(llm)
+        shutdown_llm(llm)
     accepted, drafted = acc1 - acc0, draft1 - draft0
     print(f"draft = target, T=1: accepted {accepted:.0f} of {drafted:.0f} drafts")
     assert all(len(o.outputs[0].token_ids) == 48 for o in outs)
@@ -175,7 +167,7 @@ def small_draft_samples(tiny_models, prompt_ids):
                             params, use_tqdm=False)
         acc1, draft1 = _spec_counters(llm)
     finally:
-        _shutdown(llm)
+        shutdown_llm(llm)
     samples = {name: Counter() for name in CONFIGS}
     for name, out in zip(names, outs):
         ids = out.outputs[0].token_ids

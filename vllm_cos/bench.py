@@ -8,6 +8,8 @@ One run measures, on the same vLLM engine settings and the same models:
 * ``standard``  - standard collaborative decoding (every model once per token);
 * ``naive``     - naive CoS (fixed proposer = the small model, gamma drafts);
 * ``alternate`` - CoS with the alternate proposal framework (APF);
+* for WE, ``naive`` / ``alternate`` once more with the roles swapped (the small model served,
+  the large one proposing; column ``proposer``): the second proposer choice of the lambda plot;
 
 for weighted ensembles (lambda grid with 2 models; equal weights with 3 models) and
 contrastive decoding (mu in {0.1, 0.3}), temperatures 0 and 1, a gamma grid, batch sizes
@@ -90,7 +92,6 @@ reported); beta = bonus_accepted / bonus_proposed from the CoS counters
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -100,6 +101,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from vllm_cos.engine import shutdown_llm
 
 REEXEC_FLAG = "VLLM_COS_BENCH_ENV"
 
@@ -156,21 +159,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(batch_sizes=[1], temperatures=[1.0], lambdas=[0.5], mus=[], gammas=[], gamma=2,
                   schedules=["standard", "alternate"], prompt_sets=["code"], prompts_per_set=1,
                   max_tokens=16, three_models=False, peers=False, sd=False, single=True, rule_temperatures=None,
-                  repeats=1, peer_batches=[1], gamma_schedules=["alternate"]),
+                  repeats=1, peer_batches=[1], gamma_schedules=["alternate"], swap_proposer=False),
     # the acceptance targets, batch 1 and 8, both prompt sets (< 10 min on 2 cores)
     "quick": dict(batch_sizes=[1, 8], temperatures=None, lambdas=[0.5], mus=[0.1], gammas=[1, 2, 3],
                   gamma=3, schedules=["standard", "naive", "alternate"], prompt_sets=["code", "prose"],
                   prompts_per_set=3, max_tokens=96, three_models=True, peers=True, sd=True, single=True,
                   rule_temperatures={"we": [1.0], "cd": [0.0]}, repeats=3,
-                  peer_batches=[1, 8], gamma_schedules=["alternate"]),
+                  peer_batches=[1, 8], gamma_schedules=["alternate"], swap_proposer=True),
     # everything in the issue
     "full": dict(batch_sizes=[1, 8, 32], temperatures=None, lambdas=[0.1, 0.3, 0.5, 0.7, 0.9],
                  mus=[0.1, 0.3], gammas=[1, 2, 3, 4, 5, 6], gamma=3,
                  schedules=["standard", "naive", "alternate"], prompt_sets=["code", "prose"],
                  prompts_per_set=4, max_tokens=128, three_models=True, peers=True, sd=True, single=True,
                  rule_temperatures=None, repeats=3, peer_batches=[1, 8],
-                 gamma_schedules=["naive", "alternate"]),
+                 gamma_schedules=["naive", "alternate"], swap_proposer=True),
 }
+# swap_proposer: also run WE naive / alternate with the roles swapped (the small model served,
+# the large one drafting; batch 1, first prompt set): the lambda plot's second proposer choice.
 # temperatures: for single / sd rows; rule_temperatures: per rule (None: = temperatures);
 # temperatures None: DEFAULT_TEMPERATURES
 DEFAULT_TEMPERATURES = [0.0, 1.0]
@@ -275,6 +280,7 @@ class Settings:
     repeats: int
     peer_batches: list[int]
     gamma_schedules: list[str]
+    swap_proposer: bool
     plots: bool
     seed: int
 
@@ -296,7 +302,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         schedules=list(preset["schedules"]), three_models=preset["three_models"],
         peers=preset["peers"] and not args.no_peers, sd=preset["sd"], single=preset["single"],
         rule_temperatures=preset["rule_temperatures"] if args.temperatures is None else None,
-        repeats=pick("repeats"), peer_batches=list(preset["peer_batches"]),
+        repeats=pick("repeats"), peer_batches=list(preset["peer_batches"]), swap_proposer=preset["swap_proposer"],
         gamma_schedules=list(preset["gamma_schedules"]), plots=not args.no_plots, seed=args.seed)
     for name in settings.prompt_sets:
         if name not in PROMPTS:
@@ -474,7 +480,10 @@ def derive(rows: list[Row], clock: str = "cpu") -> None:
             r.speedup_vs_standard = 1.0
         if r.method in ("sd", "standard", "naive", "alternate") and r.batch in c_by_batch:
             r.c = c_by_batch[r.batch]
-        if r.method in ("naive", "alternate") and r.alpha is not None and r.c is not None and r.gamma:
+        # the theorems as stated here: two models, the small one proposing (c = t_small / t_large)
+        two_models = "3 models" not in r.param and r.proposer == "small"
+        if r.method in ("naive", "alternate") and r.alpha is not None and r.c is not None and r.gamma \
+                and two_models:
             alpha = min(max(r.alpha, 0.0), 1.0)
             if r.method == "naive":
                 r.predicted = theorem_3_1(alpha, r.gamma, r.c)
@@ -528,7 +537,7 @@ def targets_summary(rows: list[Row], clock: str = "cpu") -> list[dict]:
     """The issue's batch-1 targets, checked against the rows (figures, not tests)."""
     def find(method, rule, param, t, prompts=None):
         hits = [r for r in rows if r.method == method and r.rule == rule and r.param == param
-                and r.temperature == t and r.batch == 1 and r.status == "ok"
+                and r.temperature == t and r.batch == 1 and r.status == "ok" and r.proposer == "small"
                 and (prompts is None or r.prompts == prompts)]
         return hits
 
@@ -544,7 +553,8 @@ def targets_summary(rows: list[Row], clock: str = "cpu") -> list[dict]:
                                   f"measured/predicted >= 0.85",
                         "value": r.measured_over_predicted, "met": r.measured_over_predicted >= 0.85})
     for ref in [r for r in rows if r.method == "ref_standard" and r.status == "ok"]:
-        cos = [r for r in rows if r.method == "alternate" and r.key() == ref.key() and r.status == "ok"]
+        cos = [r for r in rows if r.method == "alternate" and r.key() == ref.key() and r.status == "ok"
+               and r.proposer == "small"]
         for r in cos:
             ratio = rate(r, clock) / rate(ref, clock) if rate(ref, clock) else None
             out.append({"target": f"CoS alternate vs transformers standard loop {r.rule} {r.param} "
@@ -676,6 +686,7 @@ class EngineJob:
     served: str = "target"  # target | small
     batch_sizes: list[int] | None = None  # None: all
     prompt_sets: list[str] | None = None  # None: all
+    proposer: str = "small"  # who drafts (naive) / drafts after the served model's bonus (alternate)
 
 
 def _models(settings: Settings) -> dict[str, str]:
@@ -715,6 +726,14 @@ def cos_spec(models: dict, rule: dict, schedule: str, gamma: int, three: bool = 
     return spec
 
 
+def swapped_spec(models: dict, rule: dict, schedule: str, gamma: int) -> dict:
+    """The small model served (verifier, bonus under alternate), the target model drafting."""
+    names = models["_names"]
+    return {"models": [{"name": names["small"], "path": models["small"], "gamma": 1},
+                       {"name": names["target"], "path": models["target"], "gamma": gamma}],
+            "rule": rule, "schedule": schedule, "proposer": names["target"]}
+
+
 def we_rule(models: dict, lam: float) -> dict:
     names = models["_names"]
     return {"name": "weighted_ensemble", "weights": {names["target"]: lam, names["small"]: 1.0 - lam}}
@@ -745,6 +764,15 @@ def plan(settings: Settings, models: dict) -> list[EngineJob]:
             gamma = None if schedule == "standard" else settings.gamma
             jobs.append(EngineJob(f"{schedule} {rule} {param}", schedule, rule, param, gamma, t,
                                   spec=cos_spec(models, rule_dict, schedule, settings.gamma)))
+    if settings.swap_proposer:
+        proposer = models["_names"]["target"]
+        for rule, param, rule_dict in configs:
+            for schedule in [s for s in ("naive", "alternate") if s in settings.schedules and rule == "we"]:
+                jobs.append(EngineJob(f"{schedule} {rule} {param} proposer {proposer}", schedule, rule, param,
+                                      settings.gamma, rule_t.get(rule, temps)[:1],
+                                      spec=swapped_spec(models, rule_dict, schedule, settings.gamma),
+                                      served="small", batch_sizes=[1], prompt_sets=settings.prompt_sets[:1],
+                                      proposer=proposer))
     # gamma grid (batch 1, first prompt set): WE lambda=0.5 and CD with the first mu
     grid_configs = [("we", "lambda=0.5", we_rule(models, 0.5), 0.5 in settings.lambdas)]
     if settings.mus:
@@ -770,11 +798,12 @@ def plan(settings: Settings, models: dict) -> list[EngineJob]:
         w = {names["target"]: 1 / 3, names["small"]: 1 / 3, names["third"]: 1 / 3}
         for schedule in ("standard", "alternate"):
             if schedule in settings.schedules:
+                # the paper's 3-model setting: every model proposes one token per turn
                 jobs.append(EngineJob(f"{schedule} we 3 models", schedule, "we", "3 models equal",
-                                      None if schedule == "standard" else settings.gamma,
+                                      None if schedule == "standard" else 1,
                                       rule_t.get("we", temps)[:1],
                                       spec=cos_spec(models, {"name": "weighted_ensemble", "weights": w},
-                                                    schedule, settings.gamma, three=True),
+                                                    schedule, 1, three=True),
                                       batch_sizes=[1], prompt_sets=settings.prompt_sets[:1]))
     return jobs
 
@@ -803,17 +832,6 @@ def start_engine(job: EngineJob, models: dict, settings: Settings):
     if job.spec is not None:
         kwargs["speculative_config"] = job.spec
     return LLM(model=served, **kwargs)
-
-
-def stop_engine(llm) -> None:
-    if llm is None:
-        return
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
 
 
 def spec_counters(llm) -> dict:
@@ -889,7 +907,7 @@ def measure_on_engine(llm, job: EngineJob, temperature: float, batch: int, promp
                       prompts: list[list[int]], settings: Settings) -> Row:
     row = Row(method=job.method, rule=job.rule, param=job.param, temperature=temperature, batch=batch,
               prompts=prompt_set, gamma=job.gamma, proposer=None if job.method in ("single", "standard")
-              else "small", extra={"main_gamma": settings.gamma, "engine": job.label})
+              else job.proposer, extra={"main_gamma": settings.gamma, "engine": job.label})
     spec0, cos0 = spec_counters(llm), cos_counters(llm)
     runs = [generate_timed(llm, prompts, batch, temperature, settings.max_tokens, settings.seed)
             for _ in range(settings.repeats)]
@@ -952,7 +970,7 @@ def run_engine_job(job: EngineJob, models: dict, settings: Settings, prompt_ids:
             rows.append(measure_on_engine(llm, job, t, b, s, prompt_ids[s], settings))
             progress.update(1)
     finally:
-        stop_engine(llm)
+        shutdown_llm(llm)
     return rows
 
 

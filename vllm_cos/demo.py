@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from vllm_cos.config import load_config
+from vllm_cos.engine import shutdown_llm
 
 PROMPTS = [
     "def fibonacci(n):\n    ",
@@ -82,7 +83,7 @@ def run_vllm(raw_config: dict, prompts: list[str], max_tokens: int, temperature:
             stats = {k: after[k] - stats_before.get(k, 0) for k in after if isinstance(after[k], int)}
         rows.append((schedule, tokens, seconds, stats))
         text = [o.outputs[0].text for o in outputs]
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_llm(llm)
         del llm
     print(f"\nvLLM, models: {', '.join(config.model_names)} (served: {config.target}), rule: {config.rule.name}")
     for schedule, tokens, seconds, stats in rows:

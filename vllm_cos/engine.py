@@ -12,9 +12,10 @@ that realise it:
 
 * ``standard``: no speculative decoding; the served architecture is replaced by
   :data:`STANDARD_ARCH`, a wrapper holding every collaborator whose logits are log r.
-* ``naive`` / ``alternate``: vLLM's ``draft_model`` speculative decoding with the other
-  collaborator as the draft model and ``gamma`` draft tokens; our proposer and rejection
-  sampler replace the stock ones inside the worker.
+* ``naive`` / ``alternate``: vLLM's ``draft_model`` speculative decoding whose draft model
+  is :data:`DRAFT_GROUP_ARCH`, every collaborator but the served one, drafting the tokens
+  of :func:`draft_plan` per step; our proposer and rejection sampler replace the stock
+  ones inside the worker.
 
 The CoS configuration travels to every process as ``additional_config["cos"]`` (plain data,
 absolute paths).  Every problem raises :class:`CoSStartupError` (or
@@ -31,11 +32,12 @@ from typing import Any, Mapping
 
 from vllm_cos.config import CoSConfig, ConfigError, load_config
 
-logger = logging.getLogger("vllm_cos")
+logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
 ADDITIONAL_CONFIG_KEY = "cos"
 STANDARD_ARCH = "CoSStandardForCausalLM"
-MAX_ENGINE_MODELS = 2
+DRAFT_GROUP_ARCH = "CoSDraftGroupForCausalLM"
+MAX_ENGINE_MODELS = 4
 # The one place that states what the plugin runs on.
 SUPPORTED_RUNNER = "vLLM V1 model runner (GPUModelRunner / CPUModelRunner) with synchronous scheduling"
 
@@ -162,7 +164,7 @@ def load_cos_spec(value: Any, served_model: str) -> CoSConfig:
     cfg = load_config(raw)
     if len(cfg.models) > MAX_ENGINE_MODELS:
         raise CoSStartupError(
-            f"cos config: models: the vLLM engine supports {MAX_ENGINE_MODELS} collaborating "
+            f"cos config: models: the vLLM engine supports up to {MAX_ENGINE_MODELS} collaborating "
             f"models, got {len(cfg.models)} ({', '.join(cfg.model_names)})")
     if cfg.schedule == "naive" and cfg.proposer == cfg.target:
         raise CoSStartupError(
@@ -172,8 +174,31 @@ def load_cos_spec(value: Any, served_model: str) -> CoSConfig:
 
 
 def other_model(cfg: CoSConfig):
-    """The collaborator that is not the served model (the draft model in vLLM)."""
+    """The first collaborator that is not the served model (its checkpoint is the draft model's)."""
     return next(m for m in cfg.models if m.name != cfg.target)
+
+
+def draft_plan(cfg: CoSConfig) -> tuple[int, ...]:
+    """Who drafts each token of one engine step (config indices, in drafting order).
+
+    In vLLM the served model T verifies every step and proposes one bonus token; the other
+    collaborators (the draft group, all run on every drafter pass) then draft in turn:
+
+    * ``naive``: the proposer drafts its gamma tokens;
+    * ``alternate``: starting with the proposer (the first non-served model if the proposer
+      is T), each non-served model in config order drafts its gamma tokens -- the first one
+      is its bonus after scoring what was proposed before it (n-model CoS, section 3.4).
+    """
+    n = len(cfg.models)
+    target = cfg.index(cfg.target)
+    proposer = cfg.index(cfg.proposer)
+    if cfg.schedule == "naive":
+        return (proposer,) * cfg.models[proposer].gamma
+    if cfg.schedule != "alternate":
+        return ()
+    start = proposer if proposer != target else (target + 1) % n
+    order = [(start + k) % n for k in range(n)]
+    return tuple(i for i in order if i != target for _ in range(cfg.models[i].gamma))
 
 
 def target_model(cfg: CoSConfig):
@@ -228,6 +253,18 @@ def check_vocabularies(cfg: CoSConfig) -> int:
     return tokenizer_size
 
 
+def kv_share_line(bytes_per_token: Mapping[str, int], block_size: int, num_blocks: int,
+                  num_groups: int = 1) -> str:
+    """The start-up line on the KV split (all models' layers share one block table)."""
+    total = sum(bytes_per_token.values()) or 1
+    shares = ", ".join(f"{name} {b} B/token ({100 * b / total:.0f}%)" for name, b in bytes_per_token.items())
+    line = (f"cos: KV cache holds {num_blocks * block_size} tokens ({num_blocks} blocks x {block_size}) "
+            f"for each of the {len(bytes_per_token)} models; memory split by KV size: {shares}")
+    if num_groups > 1:
+        line += f" ({num_groups} KV cache groups: capacity is per group)"
+    return line
+
+
 def check_runner(env: Mapping[str, str] | None = None, async_scheduling: bool | None = None) -> None:
     env = os.environ if env is None else env
     v2 = str(env.get("VLLM_USE_V2_MODEL_RUNNER", "")).strip().lower()
@@ -258,7 +295,7 @@ def engine_overrides(cfg: CoSConfig, tokenizer_size: int) -> dict[str, Any]:
         overrides["speculative_config"] = {
             "method": "draft_model",
             "model": draft.path,
-            "num_speculative_tokens": draft.gamma,
+            "num_speculative_tokens": len(draft_plan(cfg)),
         }
     return overrides
 
@@ -279,6 +316,19 @@ def config_from_additional(additional_config: Mapping[str, Any] | None) -> tuple
     data = dict(additional_config[ADDITIONAL_CONFIG_KEY])
     tokenizer_size = int(data.pop("tokenizer_size"))
     return load_config(data), tokenizer_size
+
+
+def shutdown_llm(llm) -> None:
+    """Stop an offline ``vllm.LLM``'s engine core now (its memory is free once unreferenced)."""
+    if llm is None:
+        return
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as exc:  # already stopped, or a half-built engine
+        logger.debug("cos: engine shutdown: %s", exc)
+    import gc
+
+    gc.collect()
 
 
 def cos_stats(llm) -> list[dict | None]:

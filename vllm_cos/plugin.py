@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger("vllm_cos")
+logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
 _registered = False
 

@@ -12,7 +12,7 @@ import importlib
 import importlib.metadata
 import logging
 
-logger = logging.getLogger("vllm_cos")
+logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
 PINNED_VLLM = "0.32.0"
 # Release strings (without local suffix such as "+cpu") the hooks are known to fit.
@@ -22,7 +22,8 @@ SUPPORTED_VLLM = ("0.32.0",)
 HOOKS: list[tuple[str, str]] = [
     ("cpu_expand", "fix CPU expand_kernel stand-in (non-int64 dtypes) if the probe finds it broken"),
     ("engine_args", "EngineArgs: --speculative-config / speculative_config accept a CoS YAML file or dict"),
-    ("standard_model", "ModelRegistry: CoSStandardForCausalLM, every collaborator in one model, logits = log r"),
+    ("member_stack", "ModelRegistry: CoSStandardForCausalLM (all collaborators, logits = log r) and "
+                     "CoSDraftGroupForCausalLM (the drafter: every collaborator but the served one)"),
     ("spec_decode", "gpu_model_runner.DraftModelProposer -> CoSProposer; it installs CoS samplers on the runner"),
 ]
 

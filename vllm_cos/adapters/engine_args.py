@@ -16,7 +16,7 @@ import logging
 
 from vllm_cos import engine
 
-logger = logging.getLogger("vllm_cos")
+logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
 _installed = False
 

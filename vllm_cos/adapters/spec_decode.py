@@ -3,26 +3,33 @@
 Supported runner: see :data:`vllm_cos.engine.SUPPORTED_RUNNER` (checked in
 :meth:`CoSProposer.load_model`).
 
-One engine step, per request (row); T = the served model, D = the other collaborator:
+T = the served model; G = the draft group, every other collaborator (1 to 3 models) held in
+one :class:`~vllm_cos.adapters.member_stack.CoSDraftGroupForCausalLM`; every drafter pass
+runs all of G's members on the same tokens, so each member's logits are known at every
+position.  The step's drafts follow :func:`vllm_cos.engine.draft_plan` (``alternate``: each
+member drafts its gamma tokens in turn; ``naive``: the proposer drafts its gamma).
 
-1. T scores its window ``[t0, d_1..d_k]`` (k drafts proposed by D in the previous step).
+One engine step, per request (row):
+
+1. T scores its window ``[t0, d_1..d_k]`` (k drafts proposed by G in the previous step).
 2. :class:`CoSRejectionSampler` (``runner.rejection_sampler``) builds
-   r_j = C(T raw logits, D raw logits) at every draft position (D's raw logits were kept by
-   the proposer when it drafted), tempers r with the request's sampling parameters, and calls
-   :func:`vllm_cos.verify.verify` with the distributions the drafts were really sampled
-   from.  On a rejection it emits the residual token.  If every draft is accepted it samples
-   a *bonus* b from T's own tempered p at the next position -- b is a proposal of T, not yet
-   an output token.  Steps without drafts go through :class:`CoSPlainSampler`
-   (``runner.sampler``), which samples b the same way (prefill, first token).
+   r_j = C(T raw logits, every G member's raw logits) at every draft position (G's logits
+   were kept by the proposer when it drafted), tempers r with the request's sampling
+   parameters, and calls :func:`vllm_cos.verify.verify` with the distribution each draft was
+   really sampled from.  On a rejection it emits the residual token.  If every draft is
+   accepted it samples a *bonus* b from T's own tempered p at the next position -- b is a
+   proposal of T, not yet an output token.  Steps without drafts go through
+   :class:`CoSPlainSampler` (``runner.sampler``), which samples b the same way (prefill).
 3. :class:`CoSProposer` (the ``DraftModelProposer`` the runner builds) runs in the same step,
-   before the runner's bookkeeping.  Its first pass over the window gives D's raw logits at
+   before the runner's bookkeeping.  Its first pass over the window gives G's raw logits at
    b's position, so r is known there: ``alternate`` accepts b with min(1, r(b)/p(b)) or
    resamples from norm(max(0, r - p)); ``naive`` samples that position from r directly.
    The result is written into the sampled-token tensor the bookkeeping reads next, so a
-   bonus token is never emitted before D has verified it and no state crosses steps except
-   D's drafts (which vLLM drops on preemption; then nothing is verified against them).
-   If a row's token changed, one single-token D pass re-feeds it, then D drafts gamma tokens
-   from its proposal q (its own p tempered like r, or raw), keeping its raw logits and q.
+   bonus token is never emitted before G has verified it and no state crosses steps except
+   G's drafts (which vLLM drops on preemption; then nothing is verified against them).
+   If a row's token changed, one single-token G pass re-feeds it, then G drafts the plan's
+   tokens, each from its drafter's proposal q (its own p tempered like r, or raw), keeping
+   every member's raw logits and q.
 
 vLLM internals touched: ``vllm.v1.worker.gpu_model_runner.DraftModelProposer`` (module
 global the runner instantiates), ``DraftModelProposer`` / ``SpecDecodeBaseProposer`` methods
@@ -44,22 +51,23 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_cos.combine import build_combiner
-from vllm_cos.engine import SUPPORTED_RUNNER, config_from_additional
+from vllm_cos.engine import SUPPORTED_RUNNER, config_from_additional, draft_plan
 from vllm_cos.sampling import apply_sampling_params, draw_uniforms, sample_from_probs
 from vllm_cos.verify import verify
 
-logger = logging.getLogger("vllm_cos")
+logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
 
 # ---------------------------------------------------------------------- shared state
 
 @dataclass
 class DraftStash:
-    """What D proposed for one request: ids, its raw logits and the proposal q per draft."""
+    """What the draft group proposed for one request: ids, every member's raw logits at each
+    draft position, and the proposal q each draft was sampled from."""
 
     token_ids: list[int]
-    raw_logits: torch.Tensor  # [gamma, vocab]
-    proposal: torch.Tensor  # [gamma, vocab]
+    raw_logits: torch.Tensor  # [num_drafts, num_members, vocab]
+    proposal: torch.Tensor  # [num_drafts, vocab]
 
 
 @dataclass
@@ -108,13 +116,20 @@ class CoSStats:
 
 
 class CoSCore:
-    """The CoS configuration bound to one worker: the models' roles and the rule."""
+    """The CoS configuration bound to one worker: the models' roles and the rule.
+
+    ``group`` = config indices of the draft group's members (every model but the served
+    one, in config order); ``plan`` = for each draft token of a step, the position in
+    ``group`` of the member that drafts it (:func:`vllm_cos.engine.draft_plan`).
+    """
 
     def __init__(self, cfg, tokenizer_size: int):
         self.cfg = cfg
         self.tokenizer_size = tokenizer_size
         self.target_index = cfg.index(cfg.target)
-        self.other_index = 1 - self.target_index
+        self.group = [i for i in range(len(cfg.models)) if i != self.target_index]
+        self.plan = [self.group.index(i) for i in draft_plan(cfg)]
+        self.group_label = "+".join(cfg.models[i].name for i in self.group)
         self.combiner = build_combiner(cfg.rule, cfg.model_names)
         self.schedule = cfg.schedule
         self.proposal_mode = cfg.proposal
@@ -125,11 +140,12 @@ class CoSCore:
         self.metrics = None  # CoSMetrics, set in the worker
         self._warned_processors = False
 
-    # r = C(p_T, p_D) on raw logits, as log r [N, vocab]
-    def combine(self, target_raw: torch.Tensor, other_raw: torch.Tensor) -> torch.Tensor:
-        members = [None, None]
+    def combine(self, target_raw: torch.Tensor, group_raw: torch.Tensor) -> torch.Tensor:
+        """log r [N, vocab] from T's raw logits [N, vocab] and the group's [num_members, N, vocab]."""
+        members = [None] * (len(self.group) + 1)
         members[self.target_index] = target_raw.float()
-        members[self.other_index] = other_raw.float()
+        for position, index in enumerate(self.group):
+            members[index] = group_raw[position].float()
         return self.combiner(torch.stack(members))
 
     def logprob_rows(self, log_r: torch.Tensor, r: torch.Tensor, tokens: torch.Tensor, num_logprobs: int):
@@ -197,6 +213,32 @@ class RowParams:
     def sample(self, probs: torch.Tensor) -> torch.Tensor:
         uniforms = torch.cat(draw_uniforms([1] * probs.shape[0], self.generators, probs.device))
         return sample_from_probs(probs, uniforms)
+
+
+def log_kv_share(core: CoSCore, kv_cache_config, runner) -> None:
+    """One start-up line: how many tokens of KV fit, for every collaborator alike.
+
+    Served and draft-group layers share one block table (vLLM sums every layer's page size
+    per block), so a block holds a slot of every model: the token capacity is the same for
+    all of them and each model's share of the memory is its KV bytes per token.
+    """
+    from vllm_cos.adapters.member_stack import member_attr
+    from vllm_cos.engine import kv_share_line
+
+    names = core.cfg.model_names
+    markers = {member_attr(i): name for i, name in enumerate(names)}
+    bytes_per_token: dict[str, int] = {name: 0 for name in names}
+    block_size = None
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        block_size = block_size or spec.block_size
+        per_layer = getattr(spec, "kv_cache_specs", None)
+        for layer in group.layer_names:
+            layer_spec = per_layer[layer] if per_layer else spec
+            owner = next((n for marker, n in markers.items() if marker in layer), core.cfg.target)
+            bytes_per_token[owner] += layer_spec.page_size_bytes // layer_spec.block_size
+    logger.info("%s", kv_share_line(bytes_per_token, block_size or 0, kv_cache_config.num_blocks,
+                                    len(kv_cache_config.kv_cache_groups)))
 
 
 # ---------------------------------------------------------------------- samplers
@@ -268,7 +310,8 @@ class CoSRejectionSampler:
         row_index = torch.zeros(batch, max_drafts + 1, dtype=torch.long)
         drafts = torch.zeros(batch, max(max_drafts, 1), dtype=torch.long)
         usable = torch.zeros(batch, dtype=torch.long)
-        other_raw = torch.zeros(batch, max_drafts, vocab, device=device)
+        num_members = len(core.group)
+        group_raw = torch.zeros(batch, max_drafts, num_members, vocab, device=device)
         proposal = torch.zeros(batch, max_drafts, vocab, device=device)
         start = 0
         for i, (req_id, k) in enumerate(zip(req_ids, num_drafts)):
@@ -281,7 +324,7 @@ class CoSRejectionSampler:
                 while m < min(k, len(stash.token_ids)) and stash.token_ids[m] == ids[m]:
                     m += 1
                 if m:
-                    other_raw[i, :m] = stash.raw_logits[:m]
+                    group_raw[i, :m] = stash.raw_logits[:m]
                     proposal[i, :m] = stash.proposal[:m]
             if m < k and stash is not None:
                 logger.debug("cos: request %s: %d of %d scheduled drafts match D's proposals", req_id, m, k)
@@ -293,7 +336,8 @@ class CoSRejectionSampler:
 
         log_r = None
         if max_drafts > 0:
-            log_r = core.combine(target_rows[:, :max_drafts].reshape(-1, vocab), other_raw.view(-1, vocab))
+            log_r = core.combine(target_rows[:, :max_drafts].reshape(-1, vocab),
+                                 group_raw.view(-1, num_members, vocab).transpose(0, 1))
             r = params.temper(log_r, repeat=max_drafts).view(batch, max_drafts, vocab)
             r = torch.cat([r, torch.zeros(batch, 1, vocab, device=device)], dim=1)
             out = verify(drafts[:, :max_drafts].to(device), usable.to(device), proposal, r,
@@ -361,14 +405,18 @@ def make_proposer_class(stock_class):
             runner.rejection_sampler = CoSRejectionSampler(runner.rejection_sampler, core, runner)
             from vllm_cos.adapters.metrics import CoSMetrics
 
-            core.metrics = CoSMetrics(core.cfg.target, core.cfg.models[core.other_index].name)
+            core.metrics = CoSMetrics(core.cfg.target, core.group_label)
             core.logprobs_mode = getattr(runner.sampler, "logprobs_mode", "raw_logprobs")
             runner.sampler = CoSPlainSampler(runner.sampler, core)
+            if self.num_speculative_tokens != len(core.plan):
+                raise RuntimeError(f"cos: vLLM schedules {self.num_speculative_tokens} draft tokens per "
+                                   f"step but the CoS plan has {len(core.plan)}")
             # D must score every step (its KV and its logits feed r): never skip the drafter.
             runner._input_fits_in_drafter = lambda common_attn_metadata: common_attn_metadata is not None
-            logger.info("cos: %s schedule in vLLM: %s serves, %s drafts %d per step",
-                        core.schedule, core.cfg.target, core.cfg.models[core.other_index].name,
-                        self.num_speculative_tokens)
+            names = [core.cfg.models[core.group[k]].name for k in core.plan]
+            logger.info("cos: %s schedule in vLLM: %s serves and proposes its bonus token, then "
+                        "drafts per step: %s (draft group %s)", core.schedule, core.cfg.target,
+                        ", ".join(names), core.group_label)
 
         def prepare_next_token_ids_padded(self, sampled_token_ids, requests, gpu_input_batch,
                                           discard_request_mask):
@@ -378,8 +426,33 @@ def make_proposer_class(stock_class):
                                                          discard_request_mask)
 
         # -------------------------------------------------------------- helpers
+        def _get_model(self):
+            """The draft group (every collaborator but the served one) as one vLLM model."""
+            if self.cos_core is None:
+                return super()._get_model()
+            from vllm.compilation.backends import set_model_tag
+            from vllm.config.utils import replace
+            from vllm.model_executor.model_loader import get_model
+
+            from vllm_cos.adapters.member_stack import member_model_config
+            from vllm_cos.engine import DRAFT_GROUP_ARCH
+
+            core = self.cos_core
+            draft_config = self._create_draft_vllm_config()
+            first = core.cfg.models[core.group[0]]
+            group_config = member_model_config(draft_config, first.path,
+                                               hf_overrides={"architectures": [DRAFT_GROUP_ARCH]})
+            with set_model_tag("draft_model"):
+                return get_model(vllm_config=replace(draft_config, model_config=group_config), prefix="draft_model")
+
+        def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
+            super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+            if self.cos_core is not None:
+                log_kv_share(self.cos_core, kv_cache_config, self.cos_runner)
+
         def _raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-            return self.cos_core.crop(self.model.compute_logits(hidden))
+            """Every group member's raw logits [num_members, N, vocab] at the N hidden rows."""
+            return self.model.member_logits(hidden)
 
         def _forward(self, common_attn_metadata, num_tokens: int, slot_mapping, first_pass: bool):
             from vllm.forward_context import set_forward_context
@@ -423,9 +496,9 @@ def make_proposer_class(stock_class):
             rows = mask.nonzero().squeeze(-1)
             if rows.numel() == 0:
                 return tokens
-            other_raw = self._raw_logits(hidden[token_indices[rows].long() - 1])
+            group_raw = self._raw_logits(hidden[token_indices[rows].long() - 1])
             sub = params.select(rows)
-            log_r = core.combine(pending.target_raw[rows], other_raw)
+            log_r = core.combine(pending.target_raw[rows], group_raw)
             r = sub.temper(log_r)
             bonus = tokens[rows]
             if core.schedule == "naive":
@@ -513,16 +586,16 @@ def make_proposer_class(stock_class):
                 return torch.empty(batch, 0, dtype=torch.int64, device=hidden.device)
             draft_ids, raws, qs = [], [], []
             for step in range(gamma):
-                raw = self._raw_logits(last_hidden)
-                token, q = self._propose_from(raw, params, batch)
+                group_raw = self._raw_logits(last_hidden)  # [num_members, B, vocab]
+                token, q = self._propose_from(group_raw[core.plan[step]], params, batch)
                 draft_ids.append(token)
-                raws.append(raw)
+                raws.append(group_raw)
                 qs.append(q)
                 if step + 1 < gamma:
                     last_hidden, positions = self._single_token_pass(cad, token, positions, batch)
             drafts = torch.stack(draft_ids, dim=1)  # [B, gamma]
-            raw_all = torch.stack(raws, dim=1)
-            q_all = torch.stack(qs, dim=1)
+            raw_all = torch.stack(raws, dim=0).permute(2, 0, 1, 3)  # [B, gamma, num_members, vocab]
+            q_all = torch.stack(qs, dim=1)  # [B, gamma, vocab]
             for i, req_id in enumerate(req_ids):
                 core.stash[req_id] = DraftStash(drafts[i].tolist(), raw_all[i], q_all[i])
             self._prune_stash()

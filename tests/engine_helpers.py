@@ -1,0 +1,76 @@
+"""Shared by the engine test modules: prompts, one live offline engine, greedy runs, r itself."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from vllm_cos.engine import shutdown_llm
+
+# The tiny models are trained on Python source.
+CODE_PROMPTS = [
+    "def main(", "import os\nimport sys\n", "class Foo:\n    def __init__(self", "for i in range(10):\n",
+    "return self.", "if __name__ == '__main__':\n", "    def __repr__(self):\n        return ", "x = [",
+    "from collections import ", "try:\n    ", "with open(path) as f:\n", "raise ValueError(",
+    "    @property\n    def ", "print(", "while True:\n    ", "lambda x: ", "assert isinstance(",
+    "elif ", "yield from ", "self.assertEqual(",
+]
+PROMPT_FOR_SAMPLING = "import os\nimport sys\n\n\ndef main():\n    "
+
+
+class OneEngine:
+    """At most one offline engine alive (the machine has 2 cores); ``get(*key)`` starts the
+    engine for ``make_spec(*key)`` unless it is the live one."""
+
+    def __init__(self, served_path, make_spec):
+        self.served_path = str(served_path)
+        self.make_spec = make_spec
+        self.key = self.llm = None
+
+    def get(self, *key):
+        if self.key != key:
+            spec = self.make_spec(*key)
+            self.close()
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            from vllm import LLM
+
+            self.llm = LLM(model=self.served_path, speculative_config=spec, dtype="float32", enforce_eager=True,
+                           max_model_len=256, max_num_seqs=64, gpu_memory_utilization=0.2, seed=0,
+                           enable_prefix_caching=False)
+            self.key = key
+        return self.llm
+
+    def close(self):
+        shutdown_llm(self.llm)
+        self.key = self.llm = None
+
+
+def greedy(llm, prompts, max_tokens: int, batch: bool) -> list[list[int]]:
+    """Greedy token ids per prompt: all prompts as one batch, or one request at a time."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    if batch:
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+    return [list(llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)[0].outputs[0].token_ids)
+            for p in prompts]
+
+
+def r_next(cfg, token_ids: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """r(. | token_ids) of a CoS config, tempered, from transformers models (float64 [vocab])."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_cos.combine import build_combiner
+    from vllm_cos.sampling import apply_sampling_params
+
+    logits = []
+    for spec in cfg.models:
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
+        with torch.no_grad():
+            logits.append(model(torch.tensor([token_ids])).logits[0, -1])
+    combined = build_combiner(cfg.rule, cfg.model_names)(torch.stack(logits).unsqueeze(1))
+    return apply_sampling_params(combined, torch.tensor([temperature]), torch.tensor([top_k]),
+                                 torch.tensor([top_p]))[0].double()

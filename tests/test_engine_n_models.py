@@ -1,0 +1,180 @@
+"""n-model CoS inside vLLM: three collaborators (large serves; medium and small draft).
+
+Engines (one alive at a time): for equal weights ``standard``, ``alternate`` with gamma 1
+each (the paper's 3-model setting) and ``naive`` (small drafts 3); for unequal weights
+(0.5 / 0.3 / 0.2) ``standard`` and ``alternate`` with gamma [1, 1, 2].
+
+* greedy: 20 prompts one at a time and 16 of them as one batch are token-identical to the
+  engine's ``standard`` and to :func:`vllm_cos.reference.generate` (transformers models);
+* sampling (alternate, equal weights, T = 1, 3,000 seeded requests): the first token (T's
+  bonus verified by the two-model draft group) follows r over the three models, and the
+  second token given the most frequent first one (medium's draft, verified in the
+  rejection sampler against r) does too (chi-square);
+* start-up logs the KV capacity shared by the three models and who drafts what;
+* the CoS counters add up: the CoS samplers emit every returned token, and at most a step's
+  drafts more per request (the last step's overshoot past max_tokens, which vLLM cuts).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import CODE_PROMPTS, PROMPT_FOR_SAMPLING, OneEngine, greedy, r_next
+from stats import P_THRESHOLD, chi2_pvalue
+
+from vllm_cos.engine import cos_stats
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 24
+NUM_SAMPLES = 3000
+NAMES = ("large", "medium", "small")
+WEIGHTS = {"equal": {"large": 1 / 3, "medium": 1 / 3, "small": 1 / 3},
+           "unequal": {"large": 0.5, "medium": 0.3, "small": 0.2}}
+GAMMAS = {("equal", "alternate"): [1, 1, 1], ("unequal", "alternate"): [1, 1, 2],
+          ("equal", "naive"): [1, 1, 3], ("equal", "standard"): [1, 1, 1], ("unequal", "standard"): [1, 1, 1]}
+
+
+def cos_spec(models, weights: str, schedule: str) -> dict:
+    spec = {"models": [{"name": n, "path": str(models[n])} for n in NAMES],
+            "rule": {"name": "weighted_ensemble", "weights": WEIGHTS[weights]},
+            "schedule": schedule, "gamma": GAMMAS[(weights, schedule)]}
+    if schedule == "naive":
+        spec["proposer"] = "small"
+    return spec
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def startup_log():
+    """Every 'vllm.cos' log line of this module's engines (vLLM's logger does not reach root)."""
+    handler, logger = _Lines(), logging.getLogger("vllm.cos")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.lines
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models, startup_log):
+    e = OneEngine(tiny_models["large"], lambda *key: cos_spec(tiny_models, *key))
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_models["large"]))
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return [tokenizer.encode(t, add_special_tokens=False) for t in CODE_PROMPTS]
+
+
+_results: dict = {}
+
+
+def _greedy(llm, prompts, batch: bool):
+    return greedy(llm, prompts, MAX_TOKENS, batch)
+
+
+def _reference(models, weights, prompts):
+    if ("reference", weights) not in _results:
+        from vllm_cos import reference
+        from vllm_cos.config import load_config
+
+        cfg = load_config(cos_spec(models, weights, "standard"))
+        _results[("reference", weights)] = reference.generate(cfg, prompts, MAX_TOKENS)
+    return _results[("reference", weights)]
+
+
+# standard first for each weighting, so the CoS engines are compared with it; the equal-weight
+# alternate engine comes last and stays alive for the sampling tests.
+GREEDY_ORDER = [("equal", "standard"), ("equal", "naive"), ("unequal", "standard"), ("unequal", "alternate"),
+                ("equal", "alternate")]
+
+
+@pytest.mark.parametrize("weights,schedule", GREEDY_ORDER, ids=[f"{s}-{w}" for w, s in GREEDY_ORDER])
+def test_greedy_identity_three_models(engines, tiny_models, prompts, weights, schedule):
+    llm = engines.get(weights, schedule)
+    before = (cos_stats(llm)[0] or {}) if schedule != "standard" else {}
+    single = _greedy(llm, prompts, batch=False)
+    batch = _greedy(llm, prompts[:16], batch=True)
+    _results[(weights, schedule)] = single
+    expected = _reference(tiny_models, weights, prompts)
+    mismatches = [i for i, (a, b) in enumerate(zip(single, expected)) if a != b]
+    assert not mismatches, f"{schedule}/{weights}: prompts {mismatches} differ from the reference"
+    assert batch == single[:16], f"{schedule}/{weights}: a batch of 16 differs from single requests"
+    if schedule != "standard":
+        assert single == _results[(weights, "standard")]
+        after = cos_stats(llm)[0]
+        emitted = after["tokens_emitted"] - before.get("tokens_emitted", 0)
+        returned = sum(map(len, single)) + sum(map(len, batch))
+        # a request's last step may emit up to its draft count past max_tokens (vLLM cuts those)
+        drafts_per_step = sum(GAMMAS[(weights, schedule)][1:]) if schedule == "alternate" else 3
+        assert returned <= emitted <= returned + (len(single) + len(batch)) * drafts_per_step
+        drafts = after["drafts_proposed"] - before.get("drafts_proposed", 0)
+        assert drafts > 0 and after["drafts_accepted"] <= after["drafts_proposed"]
+
+
+def _r_next(models, weights: str, token_ids: list[int]) -> np.ndarray:
+    from vllm_cos.config import load_config
+
+    return r_next(load_config(cos_spec(models, weights, "alternate")), token_ids).numpy()
+
+
+def test_first_two_tokens_follow_r(engines, tiny_models, tokenizer):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = engines.get("equal", "alternate")
+    prompt = tokenizer.encode(PROMPT_FOR_SAMPLING, add_special_tokens=False)
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=2, ignore_eos=True) for s in range(NUM_SAMPLES)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * NUM_SAMPLES, params, use_tqdm=False)
+    pairs = [tuple(o.outputs[0].token_ids) for o in outs]
+    assert all(len(p) == 2 for p in pairs)
+
+    r_first = _r_next(tiny_models, "equal", prompt)
+    first_counts = np.bincount([p[0] for p in pairs], minlength=len(r_first))
+    p_first = chi2_pvalue(first_counts, r_first)
+    assert p_first > P_THRESHOLD, f"first token: chi-square p = {p_first:.2e}"
+
+    mode = Counter(p[0] for p in pairs).most_common(1)[0][0]
+    seconds = [p[1] for p in pairs if p[0] == mode]
+    assert len(seconds) >= 300, f"too few samples after the most frequent first token ({len(seconds)})"
+    r_second = _r_next(tiny_models, "equal", prompt + [mode])
+    p_second = chi2_pvalue(np.bincount(seconds, minlength=len(r_second)), r_second)
+    assert p_second > P_THRESHOLD, f"second token after {mode}: chi-square p = {p_second:.2e} ({len(seconds)} samples)"
+    print(f"\n3-model WE alternate, T=1: first token p = {p_first:.3f} ({NUM_SAMPLES}); "
+          f"second token given {mode}: p = {p_second:.3f} ({len(seconds)})")
+
+    again = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * 20, params[:20], use_tqdm=False)
+    assert [tuple(o.outputs[0].token_ids) for o in again] == pairs[:20]  # seeds are exact
+
+
+def test_startup_logs_the_kv_share_and_the_draft_plan(engines, startup_log):
+    engines.get("equal", "alternate")
+    kv = [line for line in startup_log if "KV cache holds" in line]
+    assert kv and "for each of the 3 models" in kv[-1], startup_log
+    for name in NAMES:
+        assert f"{name} " in kv[-1].split("memory split by KV size:")[1]
+    assert any("drafts per step: medium, small (draft group medium+small)" in line for line in startup_log)
+    assert any("drafts per step: small, small, small" in line for line in startup_log)  # naive, equal
