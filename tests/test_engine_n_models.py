@@ -12,7 +12,9 @@ each (the paper's 3-model setting) and ``naive`` (small drafts 3); for unequal w
   rejection sampler against r) does too (chi-square);
 * start-up logs the KV capacity shared by the three models and who drafts what;
 * the CoS counters add up: the CoS samplers emit every returned token, and at most a step's
-  drafts more per request (the last step's overshoot past max_tokens, which vLLM cuts).
+  drafts more per request (the last step's overshoot past max_tokens, which vLLM cuts);
+* four models (a perturbed copy of small as the fourth, weights 0.4/0.3/0.2/0.1, gamma
+  [1, 1, 1, 2]): ``standard`` and ``alternate`` greedy-identical to the reference, 8 prompts.
 """
 
 from __future__ import annotations
@@ -49,25 +51,26 @@ def cos_spec(models, weights: str, schedule: str) -> dict:
     return spec
 
 
-class _Lines(logging.Handler):
+class _Lines(logging.Filter):
+    """Records every message logged through a logger; a filter, because vLLM re-applies its
+    logging config at each engine start, which drops child loggers' handlers (not filters)."""
+
     def __init__(self):
-        super().__init__(logging.INFO)
+        super().__init__()
         self.lines: list[str] = []
 
-    def emit(self, record):
+    def filter(self, record):
         self.lines.append(record.getMessage())
+        return True
 
 
 @pytest.fixture(scope="module")
 def startup_log():
-    """Every 'vllm.cos' log line of this module's engines (vLLM's logger does not reach root)."""
-    handler, logger = _Lines(), logging.getLogger("vllm.cos")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.lines
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    """Every 'vllm.cos' log line of this module's engines (INFO: vLLM's default level)."""
+    recorder, logger = _Lines(), logging.getLogger("vllm.cos")
+    logger.addFilter(recorder)
+    yield recorder.lines
+    logger.removeFilter(recorder)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +181,47 @@ def test_startup_logs_the_kv_share_and_the_draft_plan(engines, startup_log):
         assert f"{name} " in kv[-1].split("memory split by KV size:")[1]
     assert any("drafts per step: medium, small (draft group medium+small)" in line for line in startup_log)
     assert any("drafts per step: small, small, small" in line for line in startup_log)  # naive, equal
+
+
+def _perturbed_copy(source: Path, dest: Path, seed: int) -> Path:
+    """A different checkpoint with the same tokenizer: ``source`` with noise on every weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, dest)
+    weights_file = next(dest.glob("*.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    weights = {k: v + 0.05 * v.std().nan_to_num() * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+               for k, v in load_file(str(weights_file)).items()}
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    return dest
+
+
+def test_four_models_greedy_identity(engines, tiny_models, prompts, tmp_path_factory):
+    from vllm_cos import reference
+    from vllm_cos.config import load_config
+
+    engines.close()  # one engine alive at a time
+    fourth = _perturbed_copy(tiny_models["small"], tmp_path_factory.mktemp("four") / "small-b", seed=4)
+    models = {**tiny_models, "small-b": fourth}
+    names = NAMES + ("small-b",)
+
+    def spec(schedule):
+        return {"models": [{"name": n, "path": str(models[n])} for n in names],
+                "rule": {"name": "weighted_ensemble", "weights": [0.4, 0.3, 0.2, 0.1]},
+                "schedule": schedule, "gamma": [1, 1, 1, 2]}
+
+    four = OneEngine(models["large"], spec)
+    try:
+        outputs = {}
+        for schedule in ("standard", "alternate"):
+            llm = four.get(schedule)
+            outputs[schedule] = (_greedy(llm, prompts[:8], batch=False), _greedy(llm, prompts[:8], batch=True))
+    finally:
+        four.close()
+    expected = reference.generate(load_config(spec("standard")), prompts[:8], MAX_TOKENS)
+    assert expected != _reference(tiny_models, "unequal", prompts)[:8]  # the fourth model matters
+    for schedule, (single, batch) in outputs.items():
+        assert single == expected, f"4 models, {schedule}: differs from the reference"
+        assert batch == single, f"4 models, {schedule}: a batch of 8 differs from single requests"
