@@ -507,7 +507,7 @@ def _fmt(value, digits=2) -> str:
 
 TABLE_COLUMNS = [
     ("method", "method"), ("rule", "rule"), ("param", "param"), ("T", "temperature"), ("B", "batch"),
-    ("prompts", "prompts"), ("γ", "gamma"), ("tok/s", "tokens_per_s"), ("tok/cpu-s", "tokens_per_cpu_s"), ("×std", "speedup_vs_standard"),
+    ("prompts", "prompts"), ("proposer", "proposer"), ("γ", "gamma"), ("tok/s", "tokens_per_s"), ("tok/cpu-s", "tokens_per_cpu_s"), ("×std", "speedup_vs_standard"),
     ("×single", "speedup_vs_single"), ("tok/step", "mean_tokens_per_step"), ("α", "alpha"),
     ("β", "beta"), ("per-pos α", "per_position"), ("c", "c"), ("pred", "predicted"),
     ("meas/pred", "measured_over_predicted"), ("load", "load_avg"), ("status", "status"),
@@ -619,7 +619,7 @@ def write_plots(out_dir: str | Path, rows: list[Row]) -> list[Path] | str:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=labels[method].format(p=proposer) + f", T={t:g}")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("λ (weight of the served model)")
+        ax.set_xlabel("λ (weight of the target model; its complement: the small one)")
         ax.set_ylabel("speedup over standard")
         ax.legend(fontsize=7)
         save(fig, "speedup_vs_lambda.png")
@@ -719,7 +719,7 @@ def cos_spec(models: dict, rule: dict, schedule: str, gamma: int, three: bool = 
     entries = [{"name": names["target"], "path": models["target"], "gamma": 1},
                {"name": names["small"], "path": models["small"], "gamma": gamma}]
     if three:
-        entries.append({"name": names["third"], "path": models["third"], "gamma": 1})
+        entries.append({"name": names["third"], "path": models["third"], "gamma": gamma})
     spec = {"models": entries, "rule": rule, "schedule": schedule}
     if schedule != "standard":
         spec["proposer"] = names["small"]
@@ -796,14 +796,13 @@ def plan(settings: Settings, models: dict) -> list[EngineJob]:
     if settings.three_models and "third" in models:
         names = models["_names"]
         w = {names["target"]: 1 / 3, names["small"]: 1 / 3, names["third"]: 1 / 3}
-        for schedule in ("standard", "alternate"):
+        # gamma 1: the paper's 3-model setting (every model proposes one token per turn)
+        for schedule, gamma in dict.fromkeys([("standard", None), ("alternate", 1), ("alternate", settings.gamma)]):
             if schedule in settings.schedules:
-                # the paper's 3-model setting: every model proposes one token per turn
-                jobs.append(EngineJob(f"{schedule} we 3 models", schedule, "we", "3 models equal",
-                                      None if schedule == "standard" else 1,
-                                      rule_t.get("we", temps)[:1],
+                jobs.append(EngineJob(f"{schedule} we 3 models" + (f" γ={gamma}" if gamma else ""), schedule,
+                                      "we", "3 models equal", gamma, rule_t.get("we", temps)[:1],
                                       spec=cos_spec(models, {"name": "weighted_ensemble", "weights": w},
-                                                    schedule, 1, three=True),
+                                                    schedule, gamma or 1, three=True),
                                       batch_sizes=[1], prompt_sets=settings.prompt_sets[:1]))
     return jobs
 
