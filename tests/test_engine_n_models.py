@@ -14,7 +14,8 @@ each (the paper's 3-model setting) and ``naive`` (small drafts 3); for unequal w
 * the CoS counters add up: the CoS samplers emit every returned token, and at most a step's
   drafts more per request (the last step's overshoot past max_tokens, which vLLM cuts);
 * four models (a perturbed copy of small as the fourth, weights 0.4/0.3/0.2/0.1, gamma
-  [1, 1, 1, 2]): ``standard`` and ``alternate`` greedy-identical to the reference, 8 prompts.
+  [1, 1, 1, 2]), served by *small*, so the draft group mixes attention shapes (large: 4 heads,
+  medium: 2): ``standard`` and ``alternate`` greedy-identical to the reference, 8 prompts.
 """
 
 from __future__ import annotations
@@ -212,7 +213,7 @@ def test_four_models_greedy_identity(engines, tiny_models, prompts, tmp_path_fac
                 "rule": {"name": "weighted_ensemble", "weights": [0.4, 0.3, 0.2, 0.1]},
                 "schedule": schedule, "gamma": [1, 1, 1, 2]}
 
-    four = OneEngine(models["large"], spec)
+    four = OneEngine(models["small"], spec)  # served: small; draft group large, medium, small-b (mixed head counts)
     try:
         outputs = {}
         for schedule in ("standard", "alternate"):
