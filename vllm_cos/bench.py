@@ -36,11 +36,10 @@ OpenMP (``libiomp5.so`` of the venv's intel-openmp), ``OMP_NUM_THREADS`` (``--th
 :func:`default_threads`), ``KMP_BLOCKTIME=1`` and ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
 (``--no-reexec`` skips this).  Engines: float32, eager, prefix caching off, 256 MiB KV cache.
 
-Durations on the 2-core dev box (load 4-6 from other engines, 1 thread): ``--preset smoke``
-40-60 s (4 engines); ``--quick`` 7.3 min measured (15 engine starts incl. 2 refused 3-model
-configs, 54 engine measurements + 10 peer measurements, 3 repetitions each); ``--full`` not run
-end to end yet: 46 engine starts, 310 engine + 76 peer measurements with longer generations,
-estimated 75-90 min by scaling the quick run.
+Durations on the 2-core dev box (1 thread): ``--preset smoke`` 40-60 s (4 engines);
+``--quick`` 5.8 min measured at load 1 (7.3 min at load 4-6; 18 engine starts, 57 engine
+measurements + 10 peer measurements, 3 repetitions each); ``--full`` 57 min measured at load 1 (57 engine
+starts, 321 engine + 76 peer measurements with longer generations).
 
 Theory (what ``predicted`` means)
 ---------------------------------

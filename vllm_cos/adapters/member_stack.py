@@ -130,7 +130,7 @@ class CoSMemberStack(nn.Module):
         self.hidden_sizes = [m.config.hidden_size for m in members]
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.cos_members[0].embed_input_ids(input_ids)
+        return self.cos_members[self.member_indices.index(self.primary)].embed_input_ids(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
                 inputs_embeds=None, **kwargs) -> torch.Tensor:
@@ -176,9 +176,6 @@ class CoSStandardForCausalLM(CoSMemberStack):
         self.combiner = build_combiner(cfg.rule, cfg.model_names)
         logger.info("cos: standard collaborative decoding with %s, rule %s",
                     ", ".join(cfg.model_names), cfg.rule.name)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.cos_members[self.primary].embed_input_ids(input_ids)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         combined = self.combiner(self.member_logits(hidden_states))

@@ -302,36 +302,37 @@ class CoSRejectionSampler:
         req_ids += [None] * (batch - len(req_ids))  # profiling runs have no requests
         vocab = core.tokenizer_size
         params = RowParams(sampling_metadata, batch, device)
-        flat_drafts = metadata.draft_token_ids.tolist()
-        target_idx = metadata.target_logits_indices.tolist()
-        bonus_idx = metadata.bonus_logits_indices.tolist()
-
-        # Rows of T's logits per (row, position), and D's stash where it matches the drafts.
-        row_index = torch.zeros(batch, max_drafts + 1, dtype=torch.long)
-        drafts = torch.zeros(batch, max(max_drafts, 1), dtype=torch.long)
-        usable = torch.zeros(batch, dtype=torch.long)
         num_members = len(core.group)
+
+        # T's logits row for each (row, position): the row's drafts, then its bonus row.
+        counts = torch.tensor(num_drafts, dtype=torch.long)  # [B]
+        position = torch.arange(max_drafts + 1)  # [K+1]
+        is_draft = position < counts.unsqueeze(1)  # [B, K+1]
+        flat = ((counts.cumsum(0) - counts).unsqueeze(1) + position).clamp(max=max(int(counts.sum()) - 1, 0))
+        target_idx = metadata.target_logits_indices.cpu().long()  # [num_drafts_total]
+        scheduled = metadata.draft_token_ids.cpu().long()  # [num_drafts_total]
+        if target_idx.numel() == 0:
+            target_idx = scheduled = torch.zeros(1, dtype=torch.long)
+        bonus_idx = metadata.bonus_logits_indices.cpu().long()  # [B]
+        row_index = torch.where(is_draft, target_idx[flat], bonus_idx.unsqueeze(1))  # [B, K+1]
+        scheduled_drafts = torch.where(is_draft, scheduled[flat], -1)[:, :max_drafts]  # [B, K]
+
+        # The group's stash (its drafts, logits and q); usable = leading drafts vLLM kept as proposed.
+        stashed_ids = torch.full((batch, max_drafts), -2, dtype=torch.long)
         group_raw = torch.zeros(batch, max_drafts, num_members, vocab, device=device)
         proposal = torch.zeros(batch, max_drafts, vocab, device=device)
-        start = 0
-        for i, (req_id, k) in enumerate(zip(req_ids, num_drafts)):
-            ids = flat_drafts[start:start + k]
-            for j in range(max_drafts + 1):
-                row_index[i, j] = target_idx[start + j] if j < k else bonus_idx[i]
+        for i, req_id in enumerate(req_ids):  # one dict lookup per request
             stash = core.stash.pop(req_id, None)
-            m = 0
             if stash is not None:
-                while m < min(k, len(stash.token_ids)) and stash.token_ids[m] == ids[m]:
-                    m += 1
-                if m:
-                    group_raw[i, :m] = stash.raw_logits[:m]
-                    proposal[i, :m] = stash.proposal[:m]
-            if m < k and stash is not None:
-                logger.debug("cos: request %s: %d of %d scheduled drafts match D's proposals", req_id, m, k)
-            if m:
-                drafts[i, :m] = torch.tensor(ids[:m])
-            usable[i] = m  # unusable drafts (no matching stash) count as rejected
-            start += k
+                n = min(len(stash.token_ids), max_drafts)
+                stashed_ids[i, :n] = torch.tensor(stash.token_ids[:n], dtype=torch.long)
+                group_raw[i, :n] = stash.raw_logits[:n]
+                proposal[i, :n] = stash.proposal[:n]
+        usable = (stashed_ids == scheduled_drafts).long().cumprod(dim=1).sum(dim=1)  # [B]
+        if bool((usable < counts).any()):  # drafts past a mismatch are dropped; T's bonus follows
+            logger.debug("cos: %d of %d scheduled drafts match the group's proposals",
+                         int(usable.sum()), int(counts.sum()))
+        drafts = torch.where(position[:max_drafts] < usable.unsqueeze(1), scheduled_drafts, 0)  # [B, K]
         target_rows = core.crop(logits[row_index.to(device).view(-1)]).view(batch, max_drafts + 1, vocab)
 
         log_r = None
@@ -340,7 +341,7 @@ class CoSRejectionSampler:
                                  group_raw.view(-1, num_members, vocab).transpose(0, 1))
             r = params.temper(log_r, repeat=max_drafts).view(batch, max_drafts, vocab)
             r = torch.cat([r, torch.zeros(batch, 1, vocab, device=device)], dim=1)
-            out = verify(drafts[:, :max_drafts].to(device), usable.to(device), proposal, r,
+            out = verify(drafts.to(device), usable.to(device), proposal, r,
                          torch.zeros(batch, dtype=torch.bool, device=device), params.generators)
             token_ids, accepted, rejected = out.token_ids, out.num_accepted, out.rejected
         else:
