@@ -59,6 +59,17 @@ def greedy(llm, prompts, max_tokens: int, batch: bool) -> list[list[int]]:
             for p in prompts]
 
 
+def greedy_identity(llm, prompts, max_tokens: int, expected: list[list[int]], label: str) -> list[list[int]]:
+    """Greedy outputs of ``prompts`` one at a time; asserts they equal ``expected`` and that the
+    first 16 as one batch give the same tokens.  Returns the single-request outputs."""
+    single = greedy(llm, prompts, max_tokens, batch=False)
+    batch = greedy(llm, prompts[:16], max_tokens, batch=True)
+    mismatches = [i for i, (a, b) in enumerate(zip(single, expected)) if a != b]
+    assert not mismatches, f"{label}: prompts {mismatches} differ from the reference"
+    assert batch == single[:16], f"{label}: a batch of 16 differs from single requests"
+    return single
+
+
 def r_next(cfg, token_ids: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """r(. | token_ids) of a CoS config, tempered, from transformers models (float64 [vocab])."""
     from transformers import AutoModelForCausalLM
