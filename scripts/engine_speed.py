@@ -70,7 +70,7 @@ def run_child(args) -> dict:
     llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)  # warm-up
     stats_before = None
     if args.child != "standard":
-        from vllm_cos.engine import cos_stats
+        from vllm_cos.offline import cos_stats
 
         stats_before = cos_stats(llm)[0]
     tokens, seconds, cpu_seconds = 0, 0.0, 0.0
@@ -87,7 +87,7 @@ def run_child(args) -> dict:
               "cpu_seconds": round(cpu_seconds, 3), "tokens_per_cpu_s": round(tokens / cpu_seconds, 2),
               "load_avg_1m": round(os.getloadavg()[0], 2)}
     if stats_before is not None:
-        from vllm_cos.engine import cos_stats
+        from vllm_cos.offline import cos_stats
 
         after = cos_stats(llm)[0]
         d = {k: after[k] - stats_before[k] for k in ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted",

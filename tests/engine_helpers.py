@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from vllm_cos.engine import shutdown_llm
+from vllm_cos.offline import shutdown_llm
 
 # The tiny models are trained on Python source.
 CODE_PROMPTS = [

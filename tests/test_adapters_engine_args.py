@@ -81,11 +81,102 @@ def test_cli_value_missing_file():
 
 def test_relative_paths_resolve_against_the_file(tmp_path, models):
     shutil.copytree(models["small"], tmp_path / "small")
-    path = _yaml(tmp_path, "models:\n  - {name: small, path: small, gamma: 2}\nrule: weighted_ensemble\n")
+    path = _yaml(tmp_path, "models:\n  - {name: small, path: small, gamma: 2}\n  - {path: medium_link}\n"
+                           "rule: weighted_ensemble\nserved: join\n")
+    (tmp_path / "medium_link").symlink_to(models["medium"])
     cfg = engine.load_cos_spec(str(path), str(models["large"]))
-    assert cfg.target == "large"  # the served model is added in front
-    assert cfg.model_names == ("large", "small")
+    assert cfg.target == "large"  # served: join -- the served model is added in front
+    assert cfg.model_names == ("large", "small", "medium")  # a name defaults to the resolved folder
     assert cfg.models[1].path == str((tmp_path / "small").resolve())
+
+
+def test_served_model_missing_from_the_file_is_refused(models):
+    spec = _spec(models)
+    spec["models"][0] = {"name": "medium", "path": str(models["medium"])}
+    with pytest.raises(engine.CoSStartupError) as err:
+        engine.prepare_engine(spec, str(models["large"]), env={})
+    message = str(err.value)
+    assert "is not one of the models in the CoS config (medium (" in message
+    assert "'served: join'" in message and "\n" not in message
+
+
+def test_served_join_adds_the_served_model(models):
+    spec = dict(_spec(models), served="join")
+    spec["models"][0] = {"name": "medium", "path": str(models["medium"])}
+    cfg, _ = engine.prepare_engine(spec, str(models["large"]), env={})
+    assert cfg.model_names == ("large", "medium", "small") and cfg.target == "large"
+    with pytest.raises(ConfigError, match=r"^cos config: served: must be one of listed, join, got 'yes'"):
+        engine.prepare_engine(dict(spec, served="yes"), str(models["large"]), env={})
+
+
+def test_served_folder_with_a_listed_name_but_another_path(models, tmp_path):
+    other = tmp_path / "elsewhere" / "large"
+    shutil.copytree(models["large"], other)
+    with pytest.raises(engine.CoSStartupError) as err:
+        engine.prepare_engine(_spec(models), str(other), env={})
+    message = str(err.value)
+    assert message.startswith(f"cos: the served model {other.resolve()} is not the CoS config's model 'large' "
+                              f"({Path(models['large']).resolve()}); serve {Path(models['large']).resolve()}")
+    assert "with a name of its own" in message and "listed twice" not in message
+
+
+def test_served_by_relative_path_and_symlink(models, tmp_path):
+    link = tmp_path / "served"
+    link.symlink_to(models["large"])
+    cfg, _ = engine.prepare_engine(_spec(models), str(link), env={})
+    assert cfg.target == "large"
+
+
+def test_served_gamma_above_one_is_refused(models):
+    spec = _spec(models)
+    spec["models"][0]["gamma"] = 3
+    with pytest.raises(engine.CoSStartupError, match=r"^cos config: models\[0\]\.gamma: the served model 'large' "
+                                                     r"proposes exactly one token per step"):
+        engine.prepare_engine(spec, str(models["large"]), env={})
+    with pytest.raises(engine.CoSStartupError, match=r"^cos config: gamma\[0\]: "):
+        engine.prepare_engine(_three(models, gamma=(3, 1, 1)), str(models["large"]), env={})
+    with pytest.raises(engine.CoSStartupError, match=r"^cos config: gamma: "):
+        engine.prepare_engine(_three(models, gamma=2), str(models["large"]), env={})
+    spec["schedule"] = "naive"  # the served model never drafts under naive
+    engine.prepare_engine(spec, str(models["large"]), env={})
+
+
+def test_proposer_that_cannot_matter_is_reported(models, caplog):
+    with caplog.at_level("WARNING", logger="vllm.cos"):
+        engine.prepare_engine(dict(_spec(models), proposer="small"), str(models["large"]), env={})
+    assert "proposer: 'small' has no effect in vLLM under 'alternate' with two models" in caplog.text
+    _, notes = engine.resolve_spec(dict(_spec(models, "standard"), proposal="raw"), str(models["large"]))
+    assert notes == ["proposal: has no effect under 'standard' (every model scores every token)"]
+    _, notes = engine.resolve_spec(_three(models, proposer="small"), str(models["large"]))
+    assert notes == []  # with three models the proposer picks who drafts first
+
+
+@pytest.mark.parametrize("dtypes, requested, expected", [
+    (("auto", "auto"), "auto", None),
+    (("auto", "float32"), "auto", "float32"),
+    (("float32", "float32"), "float", None),
+    (("auto", "float32"), "float32", None),
+    (("auto", "float32"), "torch.float32", None),
+])
+def test_engine_dtype_honours_the_models_dtype(models, dtypes, requested, expected):
+    spec = _spec(models)
+    for item, d in zip(spec["models"], dtypes):
+        item["dtype"] = d
+    cfg, overrides = engine.prepare_engine(spec, str(models["large"]), env={}, dtype=requested)
+    assert overrides.get("dtype") == expected
+    assert engine.engine_dtype(cfg, requested) == expected
+
+
+def test_engine_dtype_conflicts_are_refused(models):
+    spec = _spec(models)
+    spec["models"][1]["dtype"] = "float32"
+    with pytest.raises(engine.CoSStartupError, match=r"^cos config: models\[1\]\.dtype: is float32 but the "
+                                                     r"engine runs in --dtype bfloat16; .* pass --dtype float32$"):
+        engine.prepare_engine(spec, str(models["large"]), env={}, dtype="bfloat16")
+    spec["models"][0]["dtype"] = "bfloat16"
+    with pytest.raises(engine.CoSStartupError, match=r"^cos config: models\[1\]\.dtype: is float32 but "
+                                                     r"models\[0\]\.dtype is bfloat16"):
+        engine.prepare_engine(spec, str(models["large"]), env={})
 
 
 @pytest.mark.parametrize("schedule", ["naive", "alternate"])
@@ -112,7 +203,8 @@ def test_served_model_must_be_the_target(models):
 
 def _three(models, schedule="alternate", gamma=(1, 1, 2), proposer=None):
     spec = {"models": [{"name": n, "path": str(models[n])} for n in ("large", "medium", "small")],
-            "rule": "weighted_ensemble", "schedule": schedule, "gamma": list(gamma)}
+            "rule": "weighted_ensemble", "schedule": schedule,
+            "gamma": list(gamma) if isinstance(gamma, tuple) else gamma}
     if proposer:
         spec["proposer"] = proposer
     return spec
@@ -121,7 +213,7 @@ def _three(models, schedule="alternate", gamma=(1, 1, 2), proposer=None):
 @pytest.mark.parametrize("schedule, gamma, proposer, plan, drafts", [
     ("alternate", (1, 1, 2), None, ("medium", "small", "small"), 3),
     ("alternate", (1, 1, 2), "small", ("small", "small", "medium"), 3),
-    ("alternate", (3, 1, 1), "large", ("medium", "small"), 2),  # served model: one bonus per step
+    ("alternate", (1, 1, 1), "large", ("medium", "small"), 2),  # served model: one bonus per step
     ("naive", (1, 1, 2), "small", ("small", "small"), 2),
 ])
 def test_three_model_draft_plan(models, schedule, gamma, proposer, plan, drafts):
@@ -228,8 +320,55 @@ def test_engine_args_rewritten_in_place(models, tmp_path):
     assert args.speculative_config is None
     assert args.hf_overrides["architectures"] == [engine.STANDARD_ARCH]
     assert args.additional_config["cos"]["schedule"] == "standard"
+    assert args.worker_extension_cls == engine.WORKER_EXTENSION_CLS
     plain = EngineArgs(model=str(models["large"]))
     assert not apply_cos(plain)
+
+
+class MyExtension:  # a user's worker extension that does not carry cos_stats
+    pass
+
+
+def _my_cos_extension():
+    from vllm_cos.adapters.worker_ext import CoSWorkerExtension
+
+    return type("MyCoSExtension", (CoSWorkerExtension,), {})
+
+
+def test_user_worker_extension_is_composed_or_refused(models, tmp_path, monkeypatch):
+    from vllm_cos.adapters.engine_args import apply_cos
+    from vllm.engine.arg_utils import EngineArgs
+
+    monkeypatch.setattr(sys.modules[__name__], "MyCoSExtension", _my_cos_extension(), raising=False)
+    path = str(_yaml(tmp_path, json.dumps(_spec(models))))
+    ours = f"{__name__}.MyCoSExtension"
+    args = EngineArgs(model=str(models["large"]), speculative_config=path, worker_extension_cls=ours)
+    assert apply_cos(args) and args.worker_extension_cls == ours  # a subclass of ours is kept
+    theirs = f"{__name__}.MyExtension"
+    args = EngineArgs(model=str(models["large"]), speculative_config=path, worker_extension_cls=theirs)
+    with pytest.raises(engine.CoSStartupError, match=rf"^cos: worker_extension_cls '{theirs}' replaces the one "
+                                                     r"CoS needs .* make your class subclass"):
+        apply_cos(args)
+    args = EngineArgs(model=str(models["large"]), speculative_config=path, worker_extension_cls="no.such.Cls")
+    with pytest.raises(engine.CoSStartupError, match=r"^cos: worker_extension_cls 'no.such.Cls' cannot be imported"):
+        apply_cos(args)
+
+
+def test_worker_extension_answers_cos_stats():
+    from vllm_cos.adapters.worker_ext import CoSWorkerExtension
+    from vllm_cos.offline import cos_stats
+
+    class Worker(CoSWorkerExtension):
+        model_runner = None
+
+    assert Worker().cos_stats() is None  # no CoS drafter: standard schedule
+
+    class FakeLLM:
+        def collective_rpc(self, method):
+            assert method == "cos_stats"  # by name: no function crosses the process boundary
+            return [getattr(Worker(), method)()]
+
+    assert cos_stats(FakeLLM()) == [None]
 
 
 # ------------------------------------------------------------------ the command line

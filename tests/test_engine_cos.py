@@ -157,7 +157,7 @@ def test_stop_tokens_and_strings_inside_accepted_runs(engines, models, prompts):
     asserted below) as well as at their ends.
     """
     from vllm import SamplingParams
-    from vllm_cos.engine import cos_stats
+    from vllm_cos.offline import cos_stats
 
     llm = engines.get(*PARAMS_ENGINE)
     expected = _reference(models, PARAMS_ENGINE[0], prompts)

@@ -30,7 +30,7 @@ import torch
 from engine_helpers import CODE_PROMPTS, PROMPT_FOR_SAMPLING, OneEngine, greedy, greedy_identity, r_next
 from stats import P_THRESHOLD, chi2_pvalue
 
-from vllm_cos.engine import cos_stats
+from vllm_cos.offline import cos_stats
 
 pytestmark = pytest.mark.engine
 

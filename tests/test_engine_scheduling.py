@@ -11,7 +11,7 @@ import os
 import pytest
 from engine_helpers import CODE_PROMPTS
 
-from vllm_cos.engine import shutdown_llm
+from vllm_cos.offline import shutdown_llm
 
 pytestmark = pytest.mark.engine
 

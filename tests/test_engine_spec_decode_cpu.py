@@ -25,7 +25,7 @@ import pytest
 import torch
 from scipy import stats
 
-from vllm_cos.engine import shutdown_llm
+from vllm_cos.offline import shutdown_llm
 
 pytestmark = pytest.mark.engine
 

@@ -85,7 +85,7 @@ Measured quantities: alpha from vLLM's per-position acceptance counters, alpha_h
 accepted / (accepted + rejections) where rejections = rounds that did not accept all drafts
 (the maximum-likelihood estimate under A1; ``alpha_raw`` = accepted / drafted is also
 reported); beta = bonus_accepted / bonus_proposed from the CoS counters
-(:func:`vllm_cos.engine.cos_stats`); per-position acceptance ``a_i / a_(i-1)`` (a_0 = rounds).
+(:func:`vllm_cos.offline.cos_stats`); per-position acceptance ``a_i / a_(i-1)`` (a_0 = rounds).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from vllm_cos.engine import shutdown_llm
+from vllm_cos.offline import shutdown_llm
 
 REEXEC_FLAG = "VLLM_COS_BENCH_ENV"
 
@@ -852,7 +852,7 @@ def spec_counters(llm) -> dict:
 
 def cos_counters(llm) -> dict | None:
     try:
-        from vllm_cos.engine import cos_stats
+        from vllm_cos.offline import cos_stats
 
         stats = [s for s in cos_stats(llm) if s]
     except Exception:

@@ -25,6 +25,8 @@ from typing import Any, Mapping
 
 SCHEDULES = ("standard", "naive", "alternate")
 PROPOSALS = ("tempered", "raw")
+# served: what vLLM does when it serves a model the file does not list (refuse / add it).
+SERVED_POLICIES = ("listed", "join")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CUSTOM_INPUTS = ("probs", "logits")
 
@@ -65,6 +67,7 @@ class CoSConfig:
     schedule: str = "alternate"
     proposer: str | None = None  # resolved in validation
     proposal: str = "tempered"  # proposal q: the proposer's own p tempered like r, or raw
+    served: str = "listed"  # vLLM: the served model must be listed (or "join": it is added)
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -86,6 +89,7 @@ class CoSConfig:
             "schedule": self.schedule,
             "proposer": self.proposer,
             "proposal": self.proposal,
+            "served": self.served,
         }
 
 
@@ -129,7 +133,7 @@ def _read_source(source) -> tuple[str, Path]:
 
 def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
     _check_keys(raw, "<top level>", required={"models", "rule"},
-                optional={"target", "schedule", "proposer", "proposal", "gamma"})
+                optional={"target", "schedule", "proposer", "proposal", "gamma", "served"})
     models = _parse_models(raw["models"], base_dir)
     if "gamma" in raw:
         models = _apply_gamma_list(raw["gamma"], raw["models"], models)
@@ -140,6 +144,7 @@ def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
 
     schedule = _choice(raw.get("schedule", "alternate"), SCHEDULES, "schedule")
     proposal = _choice(raw.get("proposal", "tempered"), PROPOSALS, "proposal")
+    served = _choice(raw.get("served", "listed"), SERVED_POLICIES, "served")
     rule = _parse_rule(raw["rule"], names)
 
     proposer = raw.get("proposer")
@@ -156,7 +161,7 @@ def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
                 raise ConfigError(f"models[{i}].gamma",
                                   f"schedule 'alternate' needs gamma >= 1 for every model, {m.name!r} has {m.gamma}")
     return CoSConfig(models=tuple(models), rule=rule, target=target, schedule=schedule,
-                     proposer=proposer, proposal=proposal)
+                     proposer=proposer, proposal=proposal, served=served)
 
 
 def _apply_gamma_list(value, raw_models: list, models: list[ModelSpec]) -> list[ModelSpec]:

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from vllm_cos.config import load_config
-from vllm_cos.engine import shutdown_llm
+from vllm_cos.offline import shutdown_llm
 
 PROMPTS = [
     "def fibonacci(n):\n    ",
@@ -59,7 +59,7 @@ def run_vllm(raw_config: dict, prompts: list[str], max_tokens: int, temperature:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    from vllm_cos.engine import cos_stats
+    from vllm_cos.offline import cos_stats
 
     config = load_config(raw_config)
     target = config.models[config.index(config.target)]

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from vllm_cos.config import CoSConfig, ConfigError, load_config
+from vllm_cos.config import SERVED_POLICIES, CoSConfig, ConfigError, load_config
 
 logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
@@ -38,6 +38,11 @@ ADDITIONAL_CONFIG_KEY = "cos"
 STANDARD_ARCH = "CoSStandardForCausalLM"
 DRAFT_GROUP_ARCH = "CoSDraftGroupForCausalLM"
 MAX_ENGINE_MODELS = 4
+# Named in the engine arguments (a string: no adapters import here); adds ``cos_stats`` to
+# every worker so that ``LLM.collective_rpc("cos_stats")`` works across processes.
+WORKER_EXTENSION_CLS = "vllm_cos.adapters.worker_ext.CoSWorkerExtension"
+WORKER_EXTENSION_METHOD = "cos_stats"
+_DTYPE_ALIASES = {"half": "float16", "float": "float32"}
 # The one place that states what the plugin runs on.
 SUPPORTED_RUNNER = "vLLM V1 model runner (GPUModelRunner / CPUModelRunner) with synchronous scheduling"
 
@@ -124,44 +129,75 @@ def _resolve_paths(raw: dict, base_dir: Path) -> dict:
     return raw
 
 
-def load_cos_spec(value: Any, served_model: str) -> CoSConfig:
-    """Load a CoS spec for an engine serving ``served_model`` (a path or a name in the file).
+def _entry_name(item: Any) -> str | None:
+    if isinstance(item, str):
+        return Path(item).name
+    if not isinstance(item, Mapping):
+        return None
+    path = item.get("path")
+    return item.get("name") or (Path(path).resolve().name if isinstance(path, str) else None)
 
-    The served model is one collaborator: it is the config's ``target``.  If the file does
-    not list it, it is added (name = its directory name) in front of the others.
-    """
+
+def _served_entry(models: list, served_model: str) -> str | None:
+    """Name of the file's entry that is the served model: same directory, else same name."""
+    served = Path(os.path.expanduser(served_model))
+    if served.exists():
+        for item in models:
+            path = item.get("path") if isinstance(item, Mapping) else None
+            if isinstance(path, str) and Path(path).exists() and Path(path).resolve() == served.resolve():
+                return _entry_name(item)
+    return next((n for n in map(_entry_name, models) if n == served_model), None)
+
+
+def _listing(models: list) -> str:
+    return ", ".join(f"{_entry_name(m)} ({m.get('path') if isinstance(m, Mapping) else m})" for m in models)
+
+
+def _join_served(raw: dict, models: list, served_model: str) -> str:
+    """The served model is not in the file: refuse (name the real problem) unless ``served: join``."""
+    served = Path(os.path.expanduser(served_model))
+    if not served.is_dir():
+        raise CoSStartupError(
+            f"cos: the served model {served_model!r} is not a local model directory and is not "
+            f"one of the models in the CoS config ({_listing(models)})")
+    resolved, folder = str(served.resolve()), served.resolve().name
+    clash = next((m for m in models if _entry_name(m) == folder), None)
+    if clash is not None:
+        path = clash.get("path") if isinstance(clash, Mapping) else clash
+        raise CoSStartupError(
+            f"cos: the served model {resolved} is not the CoS config's model {folder!r} ({path}); "
+            f"serve {path}, or list {resolved} under models with a name of its own")
+    policy = raw.get("served", "listed")
+    if policy != "join":
+        if policy not in SERVED_POLICIES:
+            load_config(raw)  # names the bad value
+        raise CoSStartupError(
+            f"cos: the served model {resolved} is not one of the models in the CoS config "
+            f"({_listing(models)}); serve one of them, list it under models, or set "
+            f"'served: join' in the file to add it to the collaboration")
+    raw["models"] = [{"name": folder, "path": resolved}] + list(models)
+    logger.info("cos: the served model %r joins the collaboration ('served: join')", folder)
+    return folder
+
+
+def _served_spec(value: Any, served_model: str) -> dict:
+    """The raw spec with absolute paths, the served model in ``models`` and as ``target``."""
     raw, base_dir = read_cos_spec(value)
     raw = _resolve_paths(raw, base_dir)
     models = raw.get("models")
     if not isinstance(models, list):
-        return load_config(raw)  # let the config name the problem
-    served_path = Path(os.path.expanduser(served_model))
-    served_resolved = str(served_path.resolve()) if served_path.exists() else None
-    served_name = None
-    for i, item in enumerate(models):
-        if not isinstance(item, Mapping):
-            continue
-        path = item.get("path")
-        name = item.get("name") or (Path(path).resolve().name if isinstance(path, str) else None)
-        same_path = (served_resolved is not None and isinstance(path, str)
-                     and Path(path).exists() and str(Path(path).resolve()) == served_resolved)
-        if same_path or name == served_model:
-            served_name = name
-            break
-    if served_name is None:
-        if served_resolved is None or not served_path.is_dir():
-            names = [m.get("name", m.get("path")) if isinstance(m, Mapping) else m for m in models]
-            raise CoSStartupError(
-                f"cos: the served model {served_model!r} is not a local model directory and is not "
-                f"one of the models in the CoS config ({', '.join(map(str, names))})")
-        served_name = served_path.resolve().name
-        raw["models"] = [{"name": served_name, "path": served_resolved}] + list(models)
+        return raw  # load_config names the problem
+    served_name = _served_entry(models, served_model) or _join_served(raw, models, served_model)
     if "target" in raw and raw["target"] != served_name:
         raise CoSStartupError(
             f"cos config: target: is {raw['target']!r} but vLLM serves {served_model!r} "
             f"(model {served_name!r}); the served model is the target")
     raw["target"] = served_name
-    cfg = load_config(raw)
+    return raw
+
+
+def _check_engine_fit(cfg: CoSConfig, raw: Mapping) -> None:
+    """What a valid configuration must also satisfy to run inside one vLLM engine."""
     if len(cfg.models) > MAX_ENGINE_MODELS:
         raise CoSStartupError(
             f"cos config: models: the vLLM engine supports up to {MAX_ENGINE_MODELS} collaborating "
@@ -170,7 +206,46 @@ def load_cos_spec(value: Any, served_model: str) -> CoSConfig:
         raise CoSStartupError(
             f"cos config: proposer: under 'naive' the served model {cfg.target!r} cannot be the "
             f"proposer in vLLM; serve {other_model(cfg).name!r} instead or use schedule 'alternate'")
-    return cfg
+    i = cfg.index(cfg.target)
+    if cfg.schedule == "alternate" and cfg.models[i].gamma > 1:
+        where = "gamma" if isinstance(raw.get("gamma"), int) else (
+            f"gamma[{i}]" if "gamma" in raw else f"models[{i}].gamma")
+        raise CoSStartupError(
+            f"cos config: {where}: the served model {cfg.target!r} proposes exactly one token per "
+            f"step in vLLM (the bonus of its verification), got gamma {cfg.models[i].gamma}; set "
+            f"its gamma to 1 (the other models' gamma sets how much they draft)")
+
+
+def config_notes(cfg: CoSConfig, raw: Mapping) -> list[str]:
+    """Fields the file sets that cannot change what this vLLM engine does (start-up warnings)."""
+    notes = []
+    if cfg.schedule == "standard":
+        notes += [f"{key}: has no effect under 'standard' (every model scores every token)"
+                  for key in ("proposer", "proposal") if key in raw]
+    elif cfg.schedule == "alternate" and len(cfg.models) == 2 and "proposer" in raw:
+        notes.append(
+            f"proposer: {cfg.proposer!r} has no effect in vLLM under 'alternate' with two models: "
+            f"the served model {cfg.target!r} verifies and proposes its bonus every step, "
+            f"{other_model(cfg).name!r} drafts the rest (with 3+ models it picks who drafts first)")
+    return notes
+
+
+def resolve_spec(value: Any, served_model: str) -> tuple[CoSConfig, list[str]]:
+    """The configuration an engine serving ``served_model`` runs, and :func:`config_notes`.
+
+    The served model is one collaborator and the config's ``target``: the file's entry with
+    the same directory (or, for a name, the same name).  A served model the file does not
+    list is refused unless the file says ``served: join``.
+    """
+    raw = _served_spec(value, served_model)
+    cfg = load_config(raw)
+    _check_engine_fit(cfg, raw)
+    return cfg, config_notes(cfg, raw)
+
+
+def load_cos_spec(value: Any, served_model: str) -> CoSConfig:
+    """Load a CoS spec for an engine serving ``served_model`` (see :func:`resolve_spec`)."""
+    return resolve_spec(value, served_model)[0]
 
 
 def other_model(cfg: CoSConfig):
@@ -278,20 +353,44 @@ def check_runner(env: Mapping[str, str] | None = None, async_scheduling: bool | 
             f"drop --async-scheduling")
 
 
+def engine_dtype(cfg: CoSConfig, requested: Any = "auto") -> str | None:
+    """The ``dtype`` engine argument the file's per-model ``dtype`` fields ask for (or None).
+
+    vLLM runs every collaborator in the engine's one dtype (``--dtype``; all models' KV share
+    one paged cache).  With ``--dtype auto`` the models that set ``dtype`` must agree and
+    the engine runs in that dtype; with an explicit ``--dtype`` they must equal it.
+    """
+    req = str(requested).replace("torch.", "")
+    req = _DTYPE_ALIASES.get(req, req)
+    asked = [(i, m) for i, m in enumerate(cfg.models) if m.dtype != "auto"]
+    if not asked:
+        return None
+    first_i, first = asked[0]
+    for i, m in asked:
+        if req != "auto" and m.dtype != req:
+            raise CoSStartupError(
+                f"cos config: models[{i}].dtype: is {m.dtype} but the engine runs in --dtype {req}; "
+                f"vLLM runs every collaborator in the engine's one dtype: drop the field or pass "
+                f"--dtype {m.dtype}")
+        if m.dtype != first.dtype:
+            raise CoSStartupError(
+                f"cos config: models[{i}].dtype: is {m.dtype} but models[{first_i}].dtype is "
+                f"{first.dtype}; vLLM runs every collaborator in the engine's one dtype: give one dtype")
+    return None if req != "auto" else first.dtype
+
+
 def engine_overrides(cfg: CoSConfig, tokenizer_size: int) -> dict[str, Any]:
     """Stock engine arguments that realise ``cfg`` (see module docstring)."""
     cos = cfg.to_dict()
     cos["tokenizer_size"] = tokenizer_size
     overrides: dict[str, Any] = {"additional_config": {ADDITIONAL_CONFIG_KEY: cos},
-                                 "async_scheduling": False}
+                                 "async_scheduling": False,
+                                 "worker_extension_cls": WORKER_EXTENSION_CLS}
     if cfg.schedule == "standard":
         overrides["speculative_config"] = None
         overrides["hf_overrides"] = {"architectures": [STANDARD_ARCH]}
     else:
         draft = other_model(cfg)
-        if cfg.schedule == "alternate" and target_model(cfg).gamma > 1:
-            logger.info("cos: the served model %r proposes one token per step in vLLM (its "
-                        "verification bonus); gamma %d is used as 1", cfg.target, target_model(cfg).gamma)
         overrides["speculative_config"] = {
             "method": "draft_model",
             "model": draft.path,
@@ -301,12 +400,20 @@ def engine_overrides(cfg: CoSConfig, tokenizer_size: int) -> dict[str, Any]:
 
 
 def prepare_engine(spec: Any, served_model: str, env: Mapping[str, str] | None = None,
-                   async_scheduling: bool | None = None) -> tuple[CoSConfig, dict[str, Any]]:
+                   async_scheduling: bool | None = None,
+                   dtype: Any = "auto") -> tuple[CoSConfig, dict[str, Any]]:
     """Everything checked before an engine starts; returns (config, engine overrides)."""
     check_runner(env, async_scheduling)
-    cfg = load_cos_spec(spec, served_model)
+    cfg, notes = resolve_spec(spec, served_model)
+    for note in notes:
+        logger.warning("cos config: %s", note)
     tokenizer_size = check_vocabularies(cfg)
-    return cfg, engine_overrides(cfg, tokenizer_size)
+    overrides = engine_overrides(cfg, tokenizer_size)
+    chosen = engine_dtype(cfg, dtype)
+    if chosen is not None:
+        overrides["dtype"] = chosen
+        logger.info("cos: every collaborator runs in %s (the models' dtype field; --dtype auto)", chosen)
+    return cfg, overrides
 
 
 def config_from_additional(additional_config: Mapping[str, Any] | None) -> tuple[CoSConfig, int] | None:
@@ -316,29 +423,3 @@ def config_from_additional(additional_config: Mapping[str, Any] | None) -> tuple
     data = dict(additional_config[ADDITIONAL_CONFIG_KEY])
     tokenizer_size = int(data.pop("tokenizer_size"))
     return load_config(data), tokenizer_size
-
-
-def shutdown_llm(llm) -> None:
-    """Stop an offline ``vllm.LLM``'s engine core now (its memory is free once unreferenced)."""
-    if llm is None:
-        return
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception as exc:  # already stopped, or a half-built engine
-        logger.debug("cos: engine shutdown: %s", exc)
-    import gc
-
-    gc.collect()
-
-
-def cos_stats(llm) -> list[dict | None]:
-    """CoS counters per worker of an offline ``vllm.LLM`` (naive / alternate schedules):
-    steps (= served-model forwards), draft_forwards (other model), drafts proposed/accepted,
-    bonus proposed/accepted, tokens emitted, row_steps (verification rounds = request-steps),
-    acceptance rate, mean tokens per step, mean accepted length (tokens per round).
-
-    The same counters are Prometheus metrics ``vllm_cos_*`` (``/metrics`` of ``vllm serve``)
-    and a "CoS metrics" log line; see :mod:`vllm_cos.adapters.metrics`."""
-    from vllm_cos.adapters.spec_decode import worker_stats
-
-    return llm.collective_rpc(worker_stats)

@@ -6,12 +6,15 @@ vLLM internals touched (vllm/engine/arg_utils.py):
 - ``EngineArgs.create_engine_config``: before the stock method runs, a CoS spec in
   ``self.speculative_config`` is replaced by the stock arguments that realise it
   (:func:`vllm_cos.engine.prepare_engine`), and the CoS config is put into
-  ``self.additional_config["cos"]`` which reaches every process inside ``VllmConfig``.
+  ``self.additional_config["cos"]`` which reaches every process inside ``VllmConfig``;
+  ``self.worker_extension_cls`` names :class:`vllm_cos.adapters.worker_ext.CoSWorkerExtension`
+  (a user's own extension must subclass it, see :func:`merge_worker_extension`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 
 from vllm_cos import engine
@@ -28,12 +31,34 @@ def _cli_type(value: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def merge_worker_extension(existing: str | None, ours: str) -> str:
+    """The ``worker_extension_cls`` a CoS engine runs with: ours, or the user's own extension
+    if it subclasses ours (vLLM takes one class); any other is refused, never overwritten."""
+    if not existing or existing == ours:
+        return ours
+    from vllm_cos.adapters.worker_ext import CoSWorkerExtension
+
+    module_name, _, class_name = existing.rpartition(".")
+    try:
+        user_cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise engine.CoSStartupError(f"cos: worker_extension_cls {existing!r} cannot be imported: {exc}") from None
+    if isinstance(user_cls, type) and issubclass(user_cls, CoSWorkerExtension):
+        return existing
+    raise engine.CoSStartupError(
+        f"cos: worker_extension_cls {existing!r} replaces the one CoS needs ({ours}, which serves "
+        f"cos_stats); make your class subclass {ours} and pass it")
+
+
 def apply_cos(args) -> bool:
     """Rewrite an ``EngineArgs`` in place if its speculative config is a CoS spec."""
     spec = args.speculative_config
     if spec is None or not engine.is_cos_spec(spec):
         return False
-    cfg, overrides = engine.prepare_engine(spec, args.model, async_scheduling=args.async_scheduling)
+    cfg, overrides = engine.prepare_engine(spec, args.model, async_scheduling=args.async_scheduling,
+                                           dtype=args.dtype)
+    args.worker_extension_cls = merge_worker_extension(args.worker_extension_cls,
+                                                       overrides.pop("worker_extension_cls"))
     hf_overrides = overrides.pop("hf_overrides", None)
     if hf_overrides is not None:
         existing = args.hf_overrides

@@ -55,7 +55,7 @@ def member_model_config(vllm_config, path: str, **extra):
         tokenizer=base.tokenizer,
         tokenizer_mode=base.tokenizer_mode,
         trust_remote_code=base.trust_remote_code,
-        dtype=base.dtype,
+        dtype=base.dtype,  # one dtype for every member (engine.engine_dtype checks the file)
         seed=base.seed,
         max_model_len=base.max_model_len,
         enforce_eager=base.enforce_eager,
@@ -121,8 +121,8 @@ class CoSMemberStack(nn.Module):
             name = member_attr(i)
             members.append(build_member(vllm_config, model_config, prefix=f"{prefix}.{name}".lstrip(".")))
             if spec.dtype not in ("auto", str(model_config.dtype).replace("torch.", "")):
-                logger.warning("cos: model %r runs in %s inside vLLM (config asks %s)",
-                               spec.name, model_config.dtype, spec.dtype)
+                raise RuntimeError(f"cos config: models[{i}].dtype: is {spec.dtype} but the engine runs "
+                                   f"in {model_config.dtype}; vLLM runs every collaborator in one dtype")
         for i, member in zip(self.member_indices, members):
             self.add_module(member_attr(i), member)
         self.cos_members = members  # plain list: the modules are registered above
