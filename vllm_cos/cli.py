@@ -9,10 +9,15 @@ runs the stock CLI.  On a GPU install (a real "vllm" distribution) it changes no
 
 CoS start-up problems (bad cos.yaml, mismatched tokenizers, unsupported runner) are
 printed as one line and exit with status 1 instead of a traceback.
+
+``vllm-cos check cos.yaml [--served PATH] [--dtype DTYPE]`` is ours: it validates a CoS file
+the way an engine start would (fields, the served model, the shared tokenizer, what fits one
+vLLM engine) in seconds, without importing vLLM, and prints the resolved set-up.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import sys
 
@@ -83,7 +88,79 @@ def install_metrics_dir(args: list[str]) -> str | None:
     return _metrics_dir.name
 
 
+def _runs(plan: tuple[int, ...], names: tuple[str, ...]) -> str:
+    """(2, 2, 1) -> "small x2, medium x1"."""
+    runs: list[list] = []
+    for i in plan:
+        if runs and runs[-1][0] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return ", ".join(f"{names[i]} x{k}" for i, k in runs)
+
+
+def _rule_line(rule) -> str:
+    if rule.name == "weighted_ensemble":
+        return "weighted_ensemble: r = " + " + ".join(f"{w:.3g} p_{n}" for n, w in rule.weights.items())
+    if rule.name == "contrastive":
+        return f"contrastive: r = softmax(l_{rule.expert} - {rule.mu:g} l_{rule.amateur}) (raw logits)"
+    return f"custom: {rule.function} on {rule.inputs}, params {dict(rule.params)}"
+
+
+def describe(cfg, tokenizer_size: int, dtype: str, notes: list[str]) -> list[str]:
+    """The resolved set-up of a checked CoS file, one fact per line."""
+    from vllm_cos.engine import draft_plan
+
+    names = cfg.model_names
+    lines = ["models:"]
+    for m in cfg.models:
+        role = "  <- served (verifies every step)" if m.name == cfg.target else ""
+        lines.append(f"  {m.name}: {m.path} (gamma {m.gamma}, dtype {m.dtype}){role}")
+    lines.append(f"served: {cfg.target}; engine dtype {dtype}; shared tokenizer of {tokenizer_size} tokens")
+    lines.append(f"rule: {_rule_line(cfg.rule)}")
+    plan = draft_plan(cfg)
+    if cfg.schedule == "standard":
+        lines.append("schedule: standard (every model scores every token; no drafts)")
+    else:
+        bonus = f"{cfg.target} proposes 1 bonus token, then " if cfg.schedule == "alternate" else ""
+        lines.append(f"schedule: {cfg.schedule}, proposal {cfg.proposal}; per engine step {bonus}"
+                     f"{_runs(plan, names)} draft ({len(plan)} speculative tokens)")
+    lines += [f"note: {n}" for n in notes]
+    return lines
+
+
+def check(argv: list[str]) -> int:
+    """``vllm-cos check``: exit 0 with the resolved set-up, or 1 with one line naming the problem."""
+    parser = argparse.ArgumentParser(prog="vllm-cos check", description="Validate a CoS file without "
+                                     "starting an engine and print the set-up vLLM would run.")
+    parser.add_argument("config", help="the CoS YAML file (the --speculative-config value)")
+    parser.add_argument("--served", help="the model vLLM would serve (default: the file's target)")
+    parser.add_argument("--dtype", default="auto", help="the engine's --dtype (default: auto)")
+    args = parser.parse_args(argv)
+    from vllm_cos import engine
+    from vllm_cos.config import ConfigError, load_config
+
+    try:
+        served = args.served
+        if served is None:
+            listed = load_config(args.config)
+            served = listed.models[listed.index(listed.target)].path
+        cfg, notes = engine.resolve_spec(args.config, served)
+        tokenizer_size = engine.check_vocabularies(cfg)
+        dtype = engine.engine_dtype(cfg, args.dtype) or args.dtype
+        engine.check_runner()
+    except (ConfigError, engine.CoSStartupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"ok: {args.config}")
+    print("\n".join(describe(cfg, tokenizer_size, dtype, notes)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["check"]:
+        return check(args[1:])
     install_version_fallback()
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)

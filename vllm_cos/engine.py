@@ -150,7 +150,9 @@ def _served_entry(models: list, served_model: str) -> str | None:
 
 
 def _listing(models: list) -> str:
-    return ", ".join(f"{_entry_name(m)} ({m.get('path') if isinstance(m, Mapping) else m})" for m in models)
+    paths = [m.get("path") if isinstance(m, Mapping) else m for m in models]
+    return ", ".join(f"{_entry_name(m)} ({Path(p).resolve() if isinstance(p, str) else p})"
+                     for m, p in zip(models, paths))
 
 
 def _join_served(raw: dict, models: list, served_model: str) -> str:
@@ -164,6 +166,7 @@ def _join_served(raw: dict, models: list, served_model: str) -> str:
     clash = next((m for m in models if _entry_name(m) == folder), None)
     if clash is not None:
         path = clash.get("path") if isinstance(clash, Mapping) else clash
+        path = Path(path).resolve() if isinstance(path, str) else path
         raise CoSStartupError(
             f"cos: the served model {resolved} is not the CoS config's model {folder!r} ({path}); "
             f"serve {path}, or list {resolved} under models with a name of its own")
