@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
+import urllib.request
+from pathlib import Path
 
 import torch
 
@@ -85,3 +89,33 @@ def r_next(cfg, token_ids: list[int], temperature: float = 1.0, top_k: int = 0, 
     combined = build_combiner(cfg.rule, cfg.model_names)(torch.stack(logits).unsqueeze(1))
     return apply_sampling_params(combined, torch.tensor([temperature]), torch.tensor([top_k]),
                                  torch.tensor([top_p]))[0].double()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(proc, base: str, log_path: Path, timeout: float = 420) -> None:
+    """Until ``base``/health answers 200; raises with the log's tail if the server exits or stalls."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited:\n" + Path(log_path).read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    proc.terminate()
+    raise RuntimeError("server did not start:\n" + Path(log_path).read_text()[-3000:])
+
+
+def stop_server(proc) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except Exception:  # noqa: BLE001 - still running: kill it
+        proc.kill()

@@ -15,7 +15,11 @@ Properties the rest of the project relies on (``tests/test_tiny_models.py`` chec
   (0.3, 0.9));
 - deterministic for a given machine/Python: fixed seeds, fixed corpus files, fixed recipe;
 - cached: ``out_dir/build_spec.json`` records a hash of the recipe and of the corpus; if it matches
-  and every model dir is complete, nothing is rebuilt or rewritten.
+  and every model dir is complete, nothing is rebuilt or rewritten;
+- a chat template (:data:`CHAT_TEMPLATE`, plain ``role: content`` lines) in every
+  ``tokenizer_config.json`` and as ``out_dir/chat_template.jinja`` (for ``--chat-template`` with
+  other models), so ``/v1/chat/completions`` works; written on every call when missing or
+  different (a cache built before templates gets one), never rewritten when equal.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ TRAIN_FILES = (
 HELDOUT_FILES = ("textwrap.py", "heapq.py", "queue.py", "calendar.py")
 
 VOCAB_SIZE = 512
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant: {% endif %}")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 HEAD_DIM = 64
 
 # Architecture of each model. head_dim = hidden_size / num_attention_heads = 64 everywhere.
@@ -267,6 +274,30 @@ def _portable_tokenizer_config(model_dir: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)  # readers see the old or the new file, never half of one
+
+
+def ensure_chat_template(out_dir: str | Path, names=MODEL_NAMES) -> Path:
+    """Put :data:`CHAT_TEMPLATE` into each model's tokenizer config and ``out_dir/chat_template.jinja``
+    (idempotent: files that already hold it are not touched).  Returns the template file."""
+    out_dir = Path(out_dir)
+    for name in names:
+        path = out_dir / name / "tokenizer_config.json"
+        cfg = json.loads(path.read_text())
+        if cfg.get("chat_template") != CHAT_TEMPLATE:
+            cfg["chat_template"] = CHAT_TEMPLATE
+            _write_if_changed(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    template = out_dir / CHAT_TEMPLATE_FILE
+    _write_if_changed(template, CHAT_TEMPLATE + "\n")
+    return template
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int):
     import torch
@@ -314,9 +345,11 @@ def build_tiny_models(out_dir: str | Path = "models/tiny", force: bool = False,
     digest = spec_hash()
     if not force and _cached(out_dir, digest):
         log(f"tiny models up to date in {out_dir} (spec {digest[:12]})")
+        ensure_chat_template(out_dir)
         return paths
     with _lock(out_dir), _torch_threads(TRAIN_SPEC["threads"]):
         if not force and _cached(out_dir, digest):  # built by a concurrent caller
+            ensure_chat_template(out_dir)
             return paths
         import torch
         from transformers import GenerationConfig
@@ -351,6 +384,7 @@ def build_tiny_models(out_dir: str | Path = "models/tiny", force: bool = False,
         info = dict(spec_hash=digest, build_version=BUILD_VERSION, torch=torch.__version__,
                     build_seconds=round(time.perf_counter() - t0, 2),
                     models={n: str(p.relative_to(out_dir)) for n, p in paths.items()})
+        ensure_chat_template(out_dir)
         (out_dir / MARKER).write_text(json.dumps(info, indent=2) + "\n")
         log(f"built tiny models in {out_dir} in {info['build_seconds']}s")
     return paths
