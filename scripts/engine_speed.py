@@ -91,9 +91,9 @@ def run_child(args) -> dict:
 
         after = cos_stats(llm)[0]
         d = {k: after[k] - stats_before[k] for k in ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted",
-                                                      "bonus_proposed", "bonus_accepted", "tokens_emitted", "row_steps")}
-        proposed = d["drafts_proposed"] + d["bonus_proposed"]
-        result.update(acceptance_rate=round((d["drafts_accepted"] + d["bonus_accepted"]) / max(proposed, 1), 3),
+                                                      "served_proposed", "served_accepted", "tokens_emitted", "row_steps")}
+        proposed = d["drafts_proposed"] + d["served_proposed"]
+        result.update(acceptance_rate=round((d["drafts_accepted"] + d["served_accepted"]) / max(proposed, 1), 3),
                       mean_accepted_length=round(d["tokens_emitted"] / max(d["row_steps"], 1), 3),
                       mean_tokens_per_step=round(d["tokens_emitted"] / max(d["steps"], 1), 3),
                       forwards_served=d["steps"], forwards_draft_group=d["draft_forwards"])

@@ -9,7 +9,7 @@ import pytest
 
 from vllm_cos import cli
 from vllm_cos.adapters.metrics import CoSMetrics
-from vllm_cos.adapters.spec_decode import CoSStats
+from vllm_cos.adapters.core import CoSStats
 
 
 def _value(name: str, **labels) -> float:
@@ -31,8 +31,8 @@ def test_publish_adds_growth_and_sets_gauges():
     metrics = CoSMetrics("tgt", "drf", interval_s=0.0)
     base = {k: _value(f"vllm_cos_{k}_total", **lab) for k, lab in
             [("forwards", {"model": "tgt"}), ("emitted_tokens", {})]}
-    stats = CoSStats(steps=4, draft_forwards=13, drafts_proposed=12, drafts_accepted=9, bonus_proposed=3,
-                     bonus_accepted=2, tokens_emitted=15, row_steps=4)
+    stats = CoSStats(steps=4, draft_forwards=13, drafts_proposed=12, drafts_accepted=9, served_proposed=3,
+                     served_accepted=2, tokens_emitted=15, row_steps=4)
     logger = logging.getLogger("vllm.cos")  # vLLM's "vllm" logger may not propagate to root
     handler, level = _Records(), logger.level
     logger.addHandler(handler)
@@ -43,14 +43,16 @@ def test_publish_adds_growth_and_sets_gauges():
         logger.removeHandler(handler)
         logger.setLevel(level)
     text = "\n".join(handler.lines)
-    stats.steps, stats.tokens_emitted, stats.row_steps = 6, 20, 6
+    stats.add("steps", 2)
+    stats.add("tokens_emitted", 5)
+    stats.add("row_steps", 2)
     metrics.publish(stats)
     assert _value("vllm_cos_forwards_total", model="tgt") - base["forwards"] == 6
     assert _value("vllm_cos_emitted_tokens_total") - base["emitted_tokens"] == 20
     assert _value("vllm_cos_forwards_total", model="drf") >= 13
     assert _value("vllm_cos_acceptance_rate", model_pair="tgt+drf") == pytest.approx(11 / 15)
     assert _value("vllm_cos_mean_accepted_length", model_pair="tgt+drf") == pytest.approx(20 / 6)
-    assert "CoS metrics: acceptance rate 0.733 (drafts of drf 9/12, bonus of tgt 2/3)" in text
+    assert "CoS metrics: acceptance rate 0.733 (drafts of drf 9/12, proposals of tgt 2/3)" in text
     assert "forwards tgt=4 drf=13" in text
 
 

@@ -84,7 +84,7 @@ differs -- measured/predicted > 1 for naive rows is expected.
 Measured quantities: alpha from vLLM's per-position acceptance counters, alpha_hat =
 accepted / (accepted + rejections) where rejections = rounds that did not accept all drafts
 (the maximum-likelihood estimate under A1; ``alpha_raw`` = accepted / drafted is also
-reported); beta = bonus_accepted / bonus_proposed from the CoS counters
+reported); beta = served_accepted / served_proposed from the CoS counters
 (:func:`vllm_cos.offline.cos_stats`); per-position acceptance ``a_i / a_(i-1)`` (a_0 = rounds).
 """
 
@@ -859,8 +859,8 @@ def cos_counters(llm) -> dict | None:
         return None
     if not stats:
         return None
-    keys = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "bonus_proposed",
-            "bonus_accepted", "tokens_emitted", "row_steps")
+    keys = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "served_proposed",
+            "served_accepted", "tokens_emitted", "row_steps")
     return {k: sum(int(s.get(k, 0)) for s in stats) for k in keys}
 
 
@@ -926,8 +926,8 @@ def measure_on_engine(llm, job: EngineJob, temperature: float, batch: int, promp
         steps = cos.get("row_steps") or (cos.get("steps", 0) * (1 if batch == 1 else 0))
         if steps:
             row.mean_tokens_per_step = cos["tokens_emitted"] / steps
-        if cos.get("bonus_proposed"):
-            row.beta = cos["bonus_accepted"] / cos["bonus_proposed"]
+        if cos.get("served_proposed"):
+            row.beta = cos["served_accepted"] / cos["served_proposed"]
     return row
 
 

@@ -91,8 +91,8 @@ def run_vllm(raw_config: dict, prompts: list[str], max_tokens: int, temperature:
         print(f"tokens/s: {tokens / seconds:.1f} ({tokens} tokens in {seconds:.2f} s)")
         if stats:
             steps = max(1, stats.get("steps", 0))
-            proposed = stats.get("drafts_proposed", 0) + stats.get("bonus_proposed", 0)
-            accepted = stats.get("drafts_accepted", 0) + stats.get("bonus_accepted", 0)
+            proposed = stats.get("drafts_proposed", 0) + stats.get("served_proposed", 0)
+            accepted = stats.get("drafts_accepted", 0) + stats.get("served_accepted", 0)
             print(f"engine steps (= {config.target} forwards): {stats.get('steps', 0)}, "
                   f"other model forwards: {stats.get('draft_forwards', 0)}; tokens per step "
                   f"({len(prompts)} requests batched): {stats.get('tokens_emitted', 0) / steps:.2f}")

@@ -21,11 +21,16 @@ def apply_sampling_params(
     temperature: torch.Tensor,  # [num_tokens] float; 0 = greedy
     top_k: torch.Tensor | None = None,  # [num_tokens] int; <= 0 disables
     top_p: torch.Tensor | None = None,  # [num_tokens] float in (0, 1]; 1 disables
+    min_p: torch.Tensor | None = None,  # [num_tokens] float in [0, 1]; 0 disables
 ) -> torch.Tensor:  # [num_tokens, vocab] float32 probabilities
+    """Temperature, then min_p (on the tempered distribution), then top-k / top-p, as vLLM's
+    sampler orders them; greedy rows (temperature 0) are one-hot on the argmax."""
     logits = logits.float()
     greedy = temperature <= 0
     safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
     scaled = logits / safe_temperature.float().unsqueeze(-1)
+    if min_p is not None and bool((min_p > 0).any()):
+        scaled = _mask_min_p(scaled, min_p.float())
     uses_top_k = top_k is not None and bool(((top_k > 0) & (top_k < logits.shape[-1])).any())
     uses_top_p = top_p is not None and bool((top_p < 1).any())
     if uses_top_k or uses_top_p:
@@ -36,6 +41,16 @@ def apply_sampling_params(
         one_hot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy.unsqueeze(-1), one_hot, probs)
     return probs
+
+
+def _mask_min_p(
+    scaled: torch.Tensor,  # [num_tokens, vocab] tempered logits
+    min_p: torch.Tensor,  # [num_tokens]
+) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the row's largest probability."""
+    probs = torch.softmax(scaled, dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(-1)
+    return scaled.masked_fill(probs < threshold, float("-inf"))
 
 
 def _mask_top_k_top_p(

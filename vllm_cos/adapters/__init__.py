@@ -24,7 +24,11 @@ HOOKS: list[tuple[str, str]] = [
     ("engine_args", "EngineArgs: --speculative-config / speculative_config accept a CoS YAML file or dict"),
     ("member_stack", "ModelRegistry: CoSStandardForCausalLM (all collaborators, logits = log r) and "
                      "CoSDraftGroupForCausalLM (the drafter: every collaborator but the served one)"),
-    ("spec_decode", "gpu_model_runner.DraftModelProposer -> CoSProposer; it installs CoS samplers on the runner"),
+    ("spec_decode", "gpu_model_runner: DraftModelProposer -> CoSProposer (installs the CoS samplers), "
+                    "apply_grammar_bitmask (mask to r), build_logitsprocs (builtins for r), "
+                    "GPUModelRunner._update_states (stash slots freed)"),
+    ("request_checks", "InputProcessor._validate_params / SamplingParams._validate_spec_decode: min_p and "
+                       "logit_bias allowed for CoS, thinking_token_budget refused per request"),
 ]
 
 

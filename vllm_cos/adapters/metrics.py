@@ -1,7 +1,7 @@
 """CoS counters of a worker on Prometheus and in the log.
 
 The worker knows what the scheduler cannot: which model proposed a token, whether D's
-drafts or T's bonus tokens were accepted, and how many forwards each model ran.  They are
+drafts or T's own proposals were accepted, and how many forwards each model ran.  They are
 published as ``vllm_cos_*`` Prometheus metrics from the worker process:
 
 * ``vllm_cos_forwards_total{model}``: forward passes per collaborating model;
@@ -20,7 +20,7 @@ process's default registry; :func:`vllm_cos.engine.cos_stats` gives the same num
 Every ``VLLM_LOG_STATS_INTERVAL`` seconds (default 10) with new tokens, one line is logged
 next to vLLM's "SpecDecoding metrics" line, e.g.::
 
-    CoS metrics: acceptance rate 0.71 (drafts of small 120/170, bonus of large 30/40),
+    CoS metrics: acceptance rate 0.71 (drafts of small 120/170, proposals of large 30/40),
     mean accepted length 2.45, forwards large=80 small=260, tokens 196
 """
 
@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+
+from vllm_cos.adapters.core import COUNTERS
 
 logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
@@ -83,10 +85,8 @@ class CoSMetrics:
             self._m = None
 
     def publish(self, stats) -> None:
-        now = {"steps": stats.steps, "draft_forwards": stats.draft_forwards,
-               "drafts_proposed": stats.drafts_proposed, "drafts_accepted": stats.drafts_accepted,
-               "bonus_proposed": stats.bonus_proposed, "bonus_accepted": stats.bonus_accepted,
-               "tokens_emitted": stats.tokens_emitted, "row_steps": stats.row_steps}
+        summary = stats.as_dict()  # the one read-back of the step's counters
+        now = {k: summary[k] for k in COUNTERS}
         delta = {k: v - self._last.get(k, 0) for k, v in now.items()}
         self._last = now
         m = self._m
@@ -94,24 +94,23 @@ class CoSMetrics:
             m["forwards"].labels(model=self.target).inc(delta["steps"])
             m["forwards"].labels(model=self.other).inc(delta["draft_forwards"])
             m["proposed"].labels(proposer=self.other).inc(delta["drafts_proposed"])
-            m["proposed"].labels(proposer=self.target).inc(delta["bonus_proposed"])
+            m["proposed"].labels(proposer=self.target).inc(delta["served_proposed"])
             m["accepted"].labels(proposer=self.other).inc(delta["drafts_accepted"])
-            m["accepted"].labels(proposer=self.target).inc(delta["bonus_accepted"])
+            m["accepted"].labels(proposer=self.target).inc(delta["served_accepted"])
             m["emitted"].inc(delta["tokens_emitted"])
             m["rounds"].inc(delta["row_steps"])
-            summary = stats.as_dict()
             m["acceptance_rate"].labels(model_pair=self.pair).set(summary["acceptance_rate"])
             m["mean_accepted_length"].labels(model_pair=self.pair).set(summary["mean_accepted_length"])
         t = time.monotonic()
-        if t - self._last_log >= self.interval_s and stats.tokens_emitted > self._logged_tokens:
+        if t - self._last_log >= self.interval_s and now["tokens_emitted"] > self._logged_tokens:
             self._last_log = t
-            self._logged_tokens = stats.tokens_emitted
+            self._logged_tokens = now["tokens_emitted"]
             logger.info(self.line(stats))
 
     def line(self, stats) -> str:
         s = stats.as_dict()
         return (f"CoS metrics: acceptance rate {s['acceptance_rate']:.3f} (drafts of {self.other} "
-                f"{stats.drafts_accepted}/{stats.drafts_proposed}, bonus of {self.target} "
-                f"{stats.bonus_accepted}/{stats.bonus_proposed}), mean accepted length "
-                f"{s['mean_accepted_length']:.2f}, forwards {self.target}={stats.steps} "
-                f"{self.other}={stats.draft_forwards}, tokens {stats.tokens_emitted}")
+                f"{s['drafts_accepted']}/{s['drafts_proposed']}, proposals of {self.target} "
+                f"{s['served_accepted']}/{s['served_proposed']}), mean accepted length "
+                f"{s['mean_accepted_length']:.2f}, forwards {self.target}={s['steps']} "
+                f"{self.other}={s['draft_forwards']}, tokens {s['tokens_emitted']}")

@@ -2,9 +2,9 @@
 how the draft group's stash is matched against the drafts vLLM scheduled, and greedy outputs.
 
 Batch of three requests, K = 2 draft slots: r0 has two drafts equal to the group's stash
-(both accepted: argmax r, then T's bonus), r1 has two drafts of which vLLM's second differs
-from the stash (the first is accepted; the second is unusable, so T's bonus takes its place,
-pending the group's verification in the proposer), r2 has none (T's bonus only).  With 2 and
+(both accepted: argmax r, then T's proposal), r1 has two drafts of which vLLM's second differs
+from the stash (the first is accepted; the second is unusable, so T's proposal takes its place,
+pending the group's verification in the proposer), r2 has none (T's proposal only).  With 2 and
 3 collaborators (draft groups of 1 and 2 models).
 """
 
@@ -15,16 +15,28 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vllm_cos.adapters.spec_decode import CoSCore, CoSRejectionSampler, DraftStash
+from vllm_cos.adapters.core import CoSCore
+from vllm_cos.adapters.samplers import CoSRejectionSampler
+from vllm_cos.adapters.stash import DraftStash
 from vllm_cos.combine import build_combiner
 from vllm_cos.config import load_config
 
 VOCAB = 8
 
 
+def _sampling(**controls):
+    """A greedy batch's SamplingMetadata stand-in with no controls unless given."""
+    fields = dict(temperature=None, top_k=None, top_p=None, generators={}, max_num_logprobs=None,
+                  no_penalties=True, bad_words_token_ids=None, allowed_token_ids_mask=None,
+                  logitsprocs=None, thinking_budget_state_holder=None, output_token_ids=[], spec_token_ids=None)
+    fields.update(controls)
+    return SimpleNamespace(**fields)
+
+
 def _config(tiny_models, n: int):
     names = ["large", "medium", "small"][:n] if n == 3 else ["large", "small"]
-    return load_config({"models": [{"name": m, "path": str(tiny_models[m])} for m in names],
+    gamma = {"large": 1, "medium": 1, "small": 1 if n == 3 else 2}  # two drafts per step
+    return load_config({"models": [{"name": m, "path": str(tiny_models[m]), "gamma": gamma[m]} for m in names],
                         "rule": {"name": "weighted_ensemble", "weights": [0.5] + [0.5 / (n - 1)] * (n - 1)},
                         "schedule": "alternate"})
 
@@ -47,33 +59,33 @@ def test_rows_stash_matching_and_greedy_outputs(tiny_models, n):
     r1_first = argmax_r(3, 1, 0)
     r1_stash = [r1_first, 1]
     r1_scheduled = [r1_first, 2]  # vLLM's second draft is not the group's
-    q = torch.full((2, VOCAB), 1.0 / VOCAB)
-    core.stash = {"r0": DraftStash(r0, group_raw[0], q), "r1": DraftStash(r1_stash, group_raw[1], q)}
+    core.stash = DraftStash(4, 2, n - 1, VOCAB)
+    core.stash.put(["r0", "r1"], torch.tensor([r0, r1_stash]), group_raw[:2])
 
     metadata = SimpleNamespace(num_draft_tokens=[2, 2, 0], max_spec_len=2,
                                draft_token_ids=torch.tensor(r0 + r1_scheduled),
                                target_logits_indices=torch.tensor([0, 1, 3, 4]),
                                bonus_logits_indices=torch.tensor([2, 5, 6]))
-    sampling = SimpleNamespace(temperature=None, top_k=None, top_p=None, generators={}, max_num_logprobs=None,
-                               no_penalties=True, bad_words_token_ids=None, allowed_token_ids_mask=None)
+    sampling = _sampling()
     runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["r0", "r1", "r2"]))
     out = CoSRejectionSampler(None, core, runner)(metadata, None, target_logits, sampling)
 
-    bonus = target_logits[:, :VOCAB].argmax(dim=-1)  # greedy: T's bonus is its argmax
+    proposal = target_logits[:, :VOCAB].argmax(dim=-1)  # greedy: T's proposal is its argmax
     assert out.sampled_token_ids.tolist() == [
-        r0 + [int(bonus[2])],
-        [r1_first, int(bonus[4]), -1],
-        [int(bonus[6]), -1, -1],
+        r0 + [int(proposal[2])],
+        [r1_first, int(proposal[4]), -1],
+        [int(proposal[6]), -1, -1],
     ]
-    assert core.pending.mask.tolist() == [True, True, True]  # every row ends in a bonus of T
-    assert core.pending.slot.tolist() == [2, 1, 0]
-    assert torch.equal(core.pending.target_raw, target_logits[[2, 4, 6], :VOCAB])
+    pending = core.steps.current.proposals
+    assert pending.rows.tolist() == [True, True, True]  # every row ends in a proposal of T
+    assert pending.slot.tolist() == [2, 1, 0]
+    assert torch.equal(pending.target_logits, target_logits[[2, 4, 6], :VOCAB])
     assert core.stats.drafts_proposed == 3 and core.stats.drafts_accepted == 3
-    assert core.stash == {}  # consumed
+    assert (core.stash.take(["r0", "r1"], 2)[0] < 0).all()  # read once
 
 
-def test_a_rejected_draft_voids_the_bonus(tiny_models):
-    """r0's first draft is not argmax r (greedy): the residual (argmax r) is emitted, no bonus."""
+def test_a_rejected_draft_voids_the_proposal(tiny_models):
+    """r0's first draft is not argmax r (greedy): the residual (argmax r) is emitted, T proposes nothing."""
     cfg = _config(tiny_models, 3)
     core = CoSCore(cfg, VOCAB)
     gen = torch.Generator().manual_seed(7)
@@ -82,13 +94,13 @@ def test_a_rejected_draft_voids_the_bonus(tiny_models):
     combiner = build_combiner(cfg.rule, cfg.model_names)
     best = int(combiner(torch.cat([target_logits[:1], group_raw[0]]).unsqueeze(1))[0].argmax())
     wrong = (best + 1) % VOCAB
-    core.stash = {"r0": DraftStash([wrong], group_raw, torch.full((1, VOCAB), 1.0 / VOCAB))}
+    core.stash = DraftStash(2, 1, 2, VOCAB)
+    core.stash.put(["r0"], torch.tensor([[wrong]]), group_raw.unsqueeze(0))
     metadata = SimpleNamespace(num_draft_tokens=[1], max_spec_len=1, draft_token_ids=torch.tensor([wrong]),
                                target_logits_indices=torch.tensor([0]), bonus_logits_indices=torch.tensor([1]))
-    sampling = SimpleNamespace(temperature=None, top_k=None, top_p=None, generators={}, max_num_logprobs=None,
-                               no_penalties=True, bad_words_token_ids=None, allowed_token_ids_mask=None)
+    sampling = _sampling()
     runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["r0"]))
     out = CoSRejectionSampler(None, core, runner)(metadata, None, target_logits, sampling)
     assert out.sampled_token_ids.tolist() == [[best, -1]]
-    assert core.pending.mask.tolist() == [False]
+    assert core.steps.current.proposals.rows.tolist() == [False]
     assert core.stats.drafts_proposed == 1 and core.stats.drafts_accepted == 0

@@ -1,0 +1,64 @@
+"""Hook: which request parameters a CoS speculative engine accepts.
+
+vLLM refuses ``min_p`` and ``logit_bias`` with any speculative decoding because its rejection
+sampler cannot apply them at draft positions.  CoS applies them to r itself
+(:mod:`vllm_cos.adapters.controls`), so for an engine whose ``additional_config`` carries a
+CoS configuration the refusal is lifted.  What CoS cannot apply at draft positions is refused
+per request instead, with vLLM's validation error (HTTP 400 naming the parameter):
+``thinking_token_budget``.
+
+vLLM internals touched: ``InputProcessor._validate_params`` (``self.vllm_config``),
+``SamplingParams._validate_spec_decode``, ``VLLMValidationError``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+from vllm_cos.engine import ADDITIONAL_CONFIG_KEY
+
+_cos_engine = contextvars.ContextVar("cos_engine", default=False)
+_installed = False
+
+
+def is_cos_speculative(vllm_config) -> bool:
+    additional = getattr(vllm_config, "additional_config", None) or {}
+    return getattr(vllm_config, "speculative_config", None) is not None and ADDITIONAL_CONFIG_KEY in additional
+
+
+def check_for_cos(params) -> None:
+    """Per-request refusals of a CoS speculative engine (raises VLLMValidationError)."""
+    from vllm.exceptions import VLLMValidationError
+
+    if getattr(params, "thinking_token_budget", None) is not None:
+        raise VLLMValidationError(
+            "thinking_token_budget is not supported with CoS schedules 'naive' / 'alternate' "
+            "(it cannot be evaluated at draft positions); use schedule 'standard'",
+            parameter="thinking_token_budget", value=params.thinking_token_budget)
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    stock_validate_params = InputProcessor._validate_params
+    stock_validate_spec = SamplingParams._validate_spec_decode
+
+    def _validate_params(self, params, *args, **kwargs):
+        token = _cos_engine.set(is_cos_speculative(self.vllm_config))
+        try:
+            return stock_validate_params(self, params, *args, **kwargs)
+        finally:
+            _cos_engine.reset(token)
+
+    def _validate_spec_decode(self, speculative_config):
+        if _cos_engine.get():
+            return check_for_cos(self)
+        return stock_validate_spec(self, speculative_config)
+
+    InputProcessor._validate_params = _validate_params
+    SamplingParams._validate_spec_decode = _validate_spec_decode
+    _installed = True

@@ -1,0 +1,182 @@
+"""Hook: the runner's samplers under ``naive`` / ``alternate`` (``runner.sampler`` and
+``runner.rejection_sampler``).
+
+Terms, per request (row), T = the served model, G = the draft group:
+
+* **accepted** draft: G's draft x_j survives with probability min(1, r_j(x_j) / q_j(x_j)),
+  r_j the controlled, tempered combination of T's and G's logits at position j
+  (:class:`~vllm_cos.adapters.controls.Controls`, then
+  :class:`~vllm_cos.adapters.controls.RowSampling`), q_j the drafter's distribution;
+* **recovered** token: at the first rejection, a draw from norm(max(0, r_j - q_j)); the row
+  then ends;
+* **served proposal**: when every usable draft is accepted, T proposes the next token from
+  its own controlled distribution.  It is written in the next column of the sampled-token
+  tensor but is *not* an output yet: the proposer verifies it against r in the same step
+  (:class:`~vllm_cos.adapters.step.CoSStep`).  vLLM's bonus token has no counterpart here.
+
+Both samplers open the step's :class:`~vllm_cos.adapters.step.CoSStep`; the math is
+:func:`vllm_cos.verify.verify`.
+
+vLLM internals touched: ``SpecDecodeMetadata`` (``num_draft_tokens``, ``max_spec_len``,
+``draft_token_ids``, ``target_logits_indices``, ``bonus_logits_indices``), ``SamplerOutput``,
+``runner.input_batch.req_ids``; the stock samplers stay reachable for their helpers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_cos.adapters.controls import Controls, RowLayout, RowSampling
+from vllm_cos.adapters.step import ServedProposals
+from vllm_cos.verify import verify
+
+
+@dataclass
+class LogprobRows:
+    """The sampler output's logprobs tensors; row ``i * width + slot`` belongs to (i, slot)."""
+
+    tensors: object  # vllm LogprobsTensors
+    width: int
+    num_logprobs: int
+
+
+def _sampler_output(token_ids: torch.Tensor, logprobs: LogprobRows | None):
+    from vllm.v1.outputs import SamplerOutput
+
+    return SamplerOutput(sampled_token_ids=token_ids.to(torch.int32),
+                         logprobs_tensors=None if logprobs is None else logprobs.tensors)
+
+
+class _CoSSamplerBase:
+    def __init__(self, stock, core, runner):
+        self._stock, self._core, self._runner = stock, core, runner
+
+    def __getattr__(self, name):  # logprobs helpers, logprobs_mode, ... stay stock
+        return getattr(self._stock, name)
+
+    def _batch_state(self, sampling_metadata, batch: int, device):
+        req_ids = tuple(self._runner.input_batch.req_ids[:batch])  # fewer in profiling runs
+        controls = Controls(sampling_metadata, batch, self._core.tokenizer_size, device)
+        return req_ids, controls, RowSampling(sampling_metadata, batch, device, controls.min_p)
+
+    def _propose(self, target_logits, position, grammar, controls, sampling):
+        """T's proposal at ``position`` [B]: (token [B], proposal probs [B, V])."""
+        proposal = sampling.probs(controls.apply(target_logits, RowLayout.at(position), grammar))
+        return sampling.sample(proposal), proposal
+
+
+class CoSPlainSampler(_CoSSamplerBase):
+    """``runner.sampler`` for steps without drafts (prefill): T proposes; the group verifies."""
+
+    def __call__(self, logits: torch.Tensor, sampling_metadata, **kwargs):
+        core = self._core
+        grammar = core.grammar.take(logits)
+        batch, device = logits.shape[0], logits.device
+        req_ids, controls, sampling = self._batch_state(sampling_metadata, batch, device)
+        target = core.crop(logits)
+        grammar = None if grammar is None else core.crop(grammar)
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        token, proposal = self._propose(target, zeros, grammar, controls, sampling)
+        rows = None
+        if sampling_metadata.max_num_logprobs is not None:  # refilled with r by the proposer
+            k = sampling_metadata.max_num_logprobs
+            rows = LogprobRows(core.logprob_rows(target, proposal, token, k), 1, k)
+        proposals = ServedProposals(rows=torch.ones(batch, dtype=torch.bool, device=device), slot=zeros,
+                                    target_logits=target, proposal_probs=proposal, grammar=grammar)
+        core.steps.open(req_ids, proposals, controls, sampling, rows)
+        for name in ("tokens_emitted", "row_steps"):
+            core.stats.add(name, batch)
+        core.stats.add("steps", 1)
+        return _sampler_output(token.unsqueeze(1), rows)
+
+
+def draft_grid(metadata, device):
+    """Where each (row, position) of a verify window is in vLLM's flat layout.
+
+    Returns (row_index [B, K+1] into the logits, scheduled drafts [B, K] (-1 past a row's
+    drafts), counts [B]).
+    """
+    num_drafts = list(metadata.num_draft_tokens)
+    k = metadata.max_spec_len
+    counts = torch.tensor(num_drafts, dtype=torch.long, device=device)  # [B]
+    position = torch.arange(k + 1, device=device)  # [K+1]
+    is_draft = position < counts.unsqueeze(1)  # [B, K+1]
+    total = sum(num_drafts)
+    flat = ((counts.cumsum(0) - counts).unsqueeze(1) + position).clamp(max=max(total - 1, 0))
+    target_idx = metadata.target_logits_indices.to(device).long()
+    scheduled = metadata.draft_token_ids.to(device).long()
+    if total == 0:
+        target_idx = scheduled = torch.zeros(1, dtype=torch.long, device=device)
+    row_index = torch.where(is_draft, target_idx[flat], metadata.bonus_logits_indices.to(device).long().unsqueeze(1))
+    return row_index, torch.where(is_draft, scheduled[flat], -1)[:, :k], counts
+
+
+class CoSRejectionSampler(_CoSSamplerBase):
+    """``runner.rejection_sampler``: the group's drafts against r, then T's proposal."""
+
+    def __call__(self, metadata, draft_probs, logits: torch.Tensor, sampling_metadata):
+        core = self._core
+        grammar = core.grammar.take(logits)
+        device, vocab = logits.device, core.tokenizer_size
+        batch, k = len(metadata.num_draft_tokens), metadata.max_spec_len
+        req_ids, controls, sampling = self._batch_state(sampling_metadata, batch, device)
+        row_index, scheduled, counts = draft_grid(metadata, device)
+        target_rows = core.crop(logits[row_index.view(-1)]).view(batch, k + 1, vocab)
+        grammar_rows = None if grammar is None else core.crop(grammar[row_index.view(-1)]).view(batch, k + 1, vocab)
+
+        # The group's stash: usable = leading drafts vLLM kept as the group proposed them.
+        stashed, member_logits = core.stash.take(req_ids + (None,) * (batch - len(req_ids)), k)
+        stashed, member_logits = stashed.to(device), member_logits.to(device)
+        usable = (stashed == scheduled).long().cumprod(dim=1).sum(dim=1)  # [B]
+        rows = torch.arange(batch, device=device)
+        if k > 0:
+            log_r = core.combine(target_rows[:, :k].reshape(-1, vocab),
+                                 member_logits.float().reshape(batch * k, -1, vocab).transpose(0, 1))
+            layout = RowLayout.grid(batch, k, device)
+            grammar_k = None if grammar_rows is None else grammar_rows[:, :k].reshape(-1, vocab)
+            r = sampling.probs(controls.apply(log_r, layout, grammar_k), layout).view(batch, k, vocab)
+            drafts = torch.where(torch.arange(k, device=device) < usable.unsqueeze(1), scheduled, 0)
+            out = verify(drafts, usable, core.draft_proposals(member_logits, sampling),
+                         torch.cat([r, r.new_zeros(batch, 1, vocab)], dim=1),
+                         torch.zeros(batch, dtype=torch.bool, device=device), sampling.generators)
+            token_ids, accepted, rejected = out.token_ids, out.num_accepted, out.rejected
+        else:
+            log_r = r = None
+            token_ids = torch.full((batch, 1), -1, dtype=torch.long, device=device)
+            accepted = torch.zeros(batch, dtype=torch.long, device=device)
+            rejected = torch.zeros(batch, dtype=torch.bool, device=device)
+
+        # T's proposal where every usable draft was accepted.
+        proposal_logits = target_rows[rows, accepted]  # [B, V]
+        proposal_grammar = None if grammar_rows is None else grammar_rows[rows, accepted]
+        token, proposal = self._propose(proposal_logits, accepted, proposal_grammar, controls, sampling)
+        token_ids[rows, accepted] = torch.where(rejected, token_ids[rows, accepted], token)
+        logprobs = self._logprobs(sampling_metadata, token_ids, log_r, r, proposal_logits, proposal)
+        proposals = ServedProposals(rows=~rejected, slot=accepted, target_logits=proposal_logits,
+                                    proposal_probs=proposal, grammar=proposal_grammar)
+        core.steps.open(req_ids, proposals, controls, sampling, logprobs)
+
+        stats = core.stats
+        stats.add("steps", 1)
+        stats.add("row_steps", batch)
+        stats.add("drafts_proposed", usable.sum())
+        stats.add("drafts_accepted", accepted.sum())
+        stats.add("tokens_emitted", (token_ids >= 0).sum())
+        return _sampler_output(token_ids, logprobs)
+
+    def _logprobs(self, sampling_metadata, token_ids, log_r, r, proposal_logits, proposal):
+        """r's logprobs at draft positions; T's at the proposal slot until the proposer has r."""
+        if sampling_metadata.max_num_logprobs is None:
+            return None
+        batch, width = token_ids.shape
+        vocab = proposal.shape[-1]
+        k = sampling_metadata.max_num_logprobs
+        all_log_r = proposal_logits.unsqueeze(1).repeat(1, width, 1)
+        all_r = proposal.unsqueeze(1).repeat(1, width, 1)
+        if width > 1:
+            all_log_r[:, : width - 1] = log_r.view(batch, width - 1, vocab)
+            all_r[:, : width - 1] = r
+        tensors = self._core.logprob_rows(all_log_r.view(-1, vocab), all_r.view(-1, vocab), token_ids.view(-1), k)
+        return LogprobRows(tensors, width, k)
