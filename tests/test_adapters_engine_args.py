@@ -404,3 +404,17 @@ def test_cli_vocab_mismatch_exits_with_one_line(tmp_path, models):
     line = _last_line(proc.stderr)
     assert line.startswith("error: cos:") and "'othertok'" in line, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_speculative_config_help_mentions_cos(models, tmp_path):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_cos.adapters import engine_args
+
+    engine_args.install()
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    action = parser._option_string_actions["--speculative-config"]
+    assert action.help.endswith(engine_args.COS_HELP) and "vllm-cos check" in action.help
+    path = str(_yaml(tmp_path, json.dumps(_spec(models))))
+    assert parser.parse_args(["--speculative-config", path]).speculative_config == path

@@ -9,6 +9,7 @@ Example (``configs/we-alternate.yaml``)::
     rule: {name: weighted_ensemble, weights: {large: 0.5, small: 0.5}}
     schedule: alternate      # standard | naive | alternate
     proposer: small          # naive: the fixed proposer; alternate: who drafts first / after a rejection
+    served: listed           # vLLM: a served model the file does not list is refused (join: added)
 
 Relative model paths are resolved against the YAML file's directory (for a dict: the
 current directory).  Every invalid value raises :class:`ConfigError` with a message that

@@ -22,6 +22,8 @@ from vllm_cos import engine
 logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
 _installed = False
+COS_HELP = (" vllm-cos: or a CoS collaborative-decoding YAML file (models, rule, schedule, ...; "
+            "see the vllm-cos README, Configuration); validate one with `vllm-cos check cos.yaml`.")
 
 
 def _cli_type(value: str):
@@ -91,6 +93,7 @@ def install() -> None:
         action = parser._option_string_actions.get("--speculative-config")
         if action is not None:
             action.type = _cli_type
+            action.help = (action.help or "") + COS_HELP
         return parser
 
     def create_engine_config(self, *args, **kwargs):
