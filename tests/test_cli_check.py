@@ -45,7 +45,7 @@ def test_valid_file_prints_the_set_up(models, tmp_path, capsys):
     assert f"large: {Path(models['large']).resolve()} (gamma 1, dtype auto)  <- served" in out
     assert "served: large; engine dtype auto; shared tokenizer of 512 tokens" in out
     assert "rule: weighted_ensemble: r = 0.7 p_large + 0.3 p_small" in out
-    assert ("schedule: alternate, proposal tempered; per engine step large proposes 1 bonus token, "
+    assert ("schedule: alternate, proposal tempered; per engine step large verifies and proposes 1 token, "
             "then small x3 draft (3 speculative tokens)") in out
 
 
@@ -56,7 +56,7 @@ def test_three_models_served_elsewhere_and_notes(models, tmp_path, capsys):
     rc, out, _ = _check(capsys, _write(tmp_path, spec), "--served", str(models["small"]))
     assert rc == 0
     assert "served: small" in out and "softmax(l_large - 0.2 l_small)" in out
-    assert "small proposes 1 bonus token, then large x2, medium x1 draft (3 speculative tokens)" in out
+    assert "small verifies and proposes 1 token, then large x2, medium x1 draft (3 speculative tokens)" in out
     rc, out, _ = _check(capsys, _write(tmp_path, dict(_two(models), schedule="standard", proposer="small")))
     assert rc == 0 and "schedule: standard (every model scores every token; no drafts)" in out
     assert "note: proposer: has no effect under 'standard'" in out

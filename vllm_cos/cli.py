@@ -122,7 +122,7 @@ def describe(cfg, tokenizer_size: int, dtype: str, notes: list[str]) -> list[str
     if cfg.schedule == "standard":
         lines.append("schedule: standard (every model scores every token; no drafts)")
     else:
-        bonus = f"{cfg.target} proposes 1 bonus token, then " if cfg.schedule == "alternate" else ""
+        bonus = f"{cfg.target} verifies and proposes 1 token, then " if cfg.schedule == "alternate" else ""
         lines.append(f"schedule: {cfg.schedule}, proposal {cfg.proposal}; per engine step {bonus}"
                      f"{_runs(plan, names)} draft ({len(plan)} speculative tokens)")
     lines += [f"note: {n}" for n in notes]

@@ -215,7 +215,7 @@ def _check_engine_fit(cfg: CoSConfig, raw: Mapping) -> None:
             f"gamma[{i}]" if "gamma" in raw else f"models[{i}].gamma")
         raise CoSStartupError(
             f"cos config: {where}: the served model {cfg.target!r} proposes exactly one token per "
-            f"step in vLLM (the bonus of its verification), got gamma {cfg.models[i].gamma}; set "
+            f"step in vLLM (sampled from its own p while it verifies), got gamma {cfg.models[i].gamma}; set "
             f"its gamma to 1 (the other models' gamma sets how much they draft)")
 
 
@@ -228,7 +228,7 @@ def config_notes(cfg: CoSConfig, raw: Mapping) -> list[str]:
     elif cfg.schedule == "alternate" and len(cfg.models) == 2 and "proposer" in raw:
         notes.append(
             f"proposer: {cfg.proposer!r} has no effect in vLLM under 'alternate' with two models: "
-            f"the served model {cfg.target!r} verifies and proposes its bonus every step, "
+            f"the served model {cfg.target!r} verifies and proposes one token every step, "
             f"{other_model(cfg).name!r} drafts the rest (with 3+ models it picks who drafts first)")
     return notes
 
