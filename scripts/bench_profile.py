@@ -27,8 +27,10 @@ PARTS = [  # (label, substring of "file:function" to match in cumulative stats)
     ("scheduler.schedule", "scheduler.py:schedule"),
     ("model runner execute_model", "gpu_model_runner.py:execute_model"),
     ("sample_tokens", "gpu_model_runner.py:sample_tokens"),
-    ("CoS rejection sampler", "spec_decode.py:__call__"),
-    ("draft proposer propose", "spec_decode.py:propose"),
+    ("CoS samplers (plain + rejection)", "samplers.py:__call__"),
+    ("draft proposer propose", "proposer.py:propose"),
+    ("draft group forwards (in propose)", "member_stack.py:forward"),
+    ("draft group logits (in propose)", "member_stack.py:member_logits"),
     ("verify (math)", "verify.py:verify"),
     ("LlamaForCausalLM/LlamaModel forwards (nested)", "llama.py:forward"),
     ("CoS standard wrapper forward", "member_stack.py:forward"),
@@ -36,6 +38,17 @@ PARTS = [  # (label, substring of "file:function" to match in cumulative stats)
     ("scheduler.update_from_output", "scheduler.py:update_from_output"),
     ("output processor", "output_processor.py:process_outputs"),
 ]
+
+
+def _cumulative(stats, key: str) -> tuple[int, float]:
+    """(calls, cumulative seconds) of the functions ``file:function`` in a profile."""
+    file_part, func = key.split(":")
+    calls = cum = 0
+    for (file, _, f), (cc, nc, tt, ct, callers) in stats.stats.items():
+        if f == func and file.endswith(file_part):
+            calls += nc
+            cum += ct
+    return calls, cum
 
 
 def main(argv=None):
@@ -92,16 +105,17 @@ def main(argv=None):
           f"{wall:.2f} s (profiled) = {tokens / wall:.1f} tok/s; engine steps {steps}; cos counters {cos}; "
           f"load {bench.load_average()}")
     print(f"{'part':45s} {'calls':>7s} {'cum s':>8s} {'ms/step':>8s} {'% wall':>7s}")
+    cums = {}
     for label, key in PARTS:
-        file_part, func = key.split(":")
-        calls = cum = 0
-        for (file, _, f), (cc, nc, tt, ct, callers) in stats.stats.items():
-            if f == func and file.endswith(file_part):
-                calls += nc
-                cum += ct
+        calls, cums[key] = _cumulative(stats, key)
         if calls:
-            per_step = 1000 * cum / steps if steps else float("nan")
-            print(f"{label:45s} {calls:7d} {cum:8.3f} {per_step:8.2f} {100 * cum / wall:6.1f}%")
+            per_step = 1000 * cums[key] / steps if steps else float("nan")
+            print(f"{label:45s} {calls:7d} {cums[key]:8.3f} {per_step:8.2f} {100 * cums[key] / wall:6.1f}%")
+    if args.schedule in ("naive", "alternate"):
+        overhead = (cums["samplers.py:__call__"] + cums["proposer.py:propose"]
+                    - cums["member_stack.py:forward"] - cums["member_stack.py:member_logits"])
+        print(f"CoS overhead (samplers + proposer without the group's model compute): "
+              f"{1000 * overhead / steps:.2f} ms/step = {100 * overhead / wall:.1f}% of the step")
     print()
     stats.sort_stats("tottime").print_stats(args.top)
     bench.stop_engine(llm)

@@ -45,3 +45,14 @@ def test_draw_uniforms_per_generator():
     assert torch.equal(a[0], b[0]) and a[1].shape == (2,)
     c = draw_uniforms([2, 4], None)
     assert [x.shape[0] for x in c] == [2, 4] and all(((x >= 0) & (x < 1)).all() for x in c)
+
+
+def test_min_p_drops_tokens_below_its_share_of_the_best_after_temperature():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = apply_sampling_params(logits, torch.tensor([1.0]), min_p=torch.tensor([0.4]))
+    # threshold 0.4 * 0.5 = 0.2: tokens 2 and 3 go, the rest renormalise
+    assert torch.allclose(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    hot = apply_sampling_params(logits, torch.tensor([2.0]), min_p=torch.tensor([0.4]))
+    assert (hot[0, :3] > 0).all() and hot[0, 3] == 0  # tempered first: 0.15 survives at T=2
+    greedy = apply_sampling_params(logits, torch.tensor([0.0]), min_p=torch.tensor([0.9]))
+    assert greedy.tolist() == [[1.0, 0.0, 0.0, 0.0]]

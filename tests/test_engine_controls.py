@@ -1,0 +1,193 @@
+"""Every request control under ``naive`` / ``alternate`` behaves as under ``standard``.
+
+``standard`` is the behavioural reference: vLLM's stock sampler processes log r there.  For
+each control a user can put in ``SamplingParams`` (structured outputs: regex, choice, JSON
+schema, grammar; min_tokens with stop tokens; bad_words; allowed_token_ids; logit_bias;
+min_p; repetition / presence / frequency penalties):
+
+* greedy: token-identical to ``standard``, one request at a time and as one batch of 16 that
+  mixes every control (2 models WE and CD, 3 models WE);
+* every structured-output completion is valid, greedy and sampled (T = 1, seeded);
+* at T = 1 the first two tokens under a ``choice`` constraint and under ``min_p`` follow the
+  same distribution as ``standard``'s (two-sample chi-square over seeded requests).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+from engine_helpers import CODE_PROMPTS, OneEngine
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 20
+NUM_SAMPLES = 2000
+P_THRESHOLD = 1e-3
+REGEX = r"(def|class) [a-z_]{2,10}\((self|x|y)?\):"
+CHOICES = ["True", "False", "None", "self.value", "return x"]
+SCHEMA = {"enum": ["alpha", "beta gamma", 7, None]}  # no whitespace to loop in (tiny models would)
+GRAMMAR = 'root ::= "x = " num\nnum ::= [0-9] [0-9]?'
+RULES = {
+    "we": {"name": "weighted_ensemble", "weights": {"large": 0.5, "small": 0.5}},
+    "cd": {"name": "contrastive", "expert": "large", "amateur": "small", "mu": 0.5},
+    "we3": {"name": "weighted_ensemble", "weights": {"large": 0.5, "medium": 0.3, "small": 0.2}},
+}
+
+
+def cos_spec(models, rule: str, schedule: str) -> dict:
+    names = ["large", "medium", "small"] if rule == "we3" else ["large", "small"]
+    gamma = {"large": 1, "medium": 1, "small": 2 if rule == "we3" else 3}
+    return {"models": [{"name": n, "path": str(models[n]), "gamma": gamma[n]} for n in names],
+            "rule": RULES[rule], "schedule": schedule, "proposer": "small"}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models):
+    e = OneEngine(tiny_models["large"], lambda *key: cos_spec(tiny_models, *key))
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_models["large"]))
+
+
+def controls(tok) -> dict[str, dict]:
+    """name -> SamplingParams keyword arguments (on top of temperature / max_tokens)."""
+    from vllm.sampling_params import StructuredOutputsParams as SO
+
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    colon = tok.encode(":", add_special_tokens=False)[0]
+    common = [tok.encode(w, add_special_tokens=False)[0] for w in (" ", "self", "(", ")", "_", "e", "t")]
+    return {
+        "regex": {"structured_outputs": SO(regex=REGEX), "max_tokens": 40},
+        "choice": {"structured_outputs": SO(choice=CHOICES), "max_tokens": 40},
+        "json": {"structured_outputs": SO(json=SCHEMA), "max_tokens": 40},
+        "grammar": {"structured_outputs": SO(grammar=GRAMMAR), "max_tokens": 40},
+        "min_tokens": {"min_tokens": 12, "stop_token_ids": [newline, colon]},
+        "bad_words": {"bad_words": ["self", " return"]},
+        "allowed": {"allowed_token_ids": list(range(0, 120)) + common},
+        "logit_bias": {"logit_bias": {newline: -100.0, common[1]: 4.0, common[4]: 2.5}},
+        "min_p": {"min_p": 0.2},
+        "penalties": {"repetition_penalty": 1.4, "presence_penalty": 0.6, "frequency_penalty": 0.4},
+    }
+
+
+def valid(name: str, text: str) -> bool:
+    if name == "regex":
+        return re.fullmatch(REGEX, text) is not None
+    if name == "choice":
+        return text in CHOICES
+    if name == "json":
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        return value in SCHEMA["enum"]
+    if name == "grammar":
+        return re.fullmatch(r"x = [0-9][0-9]?", text) is not None
+    return True
+
+
+def run(llm, prompt_ids, kwargs_list, temperature=0.0, seeds=None, max_tokens=MAX_TOKENS):
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [SamplingParams(temperature=temperature, seed=None if seeds is None else seeds[i],
+                             **{"max_tokens": max_tokens, **kw}) for i, kw in enumerate(kwargs_list)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].text) for o in outs]
+
+
+def greedy_runs(llm, tok):
+    """(per control: outputs of 4 prompts one at a time, outputs of one batch of 16 mixing all)."""
+    table = controls(tok)
+    prompts = [tok.encode(t, add_special_tokens=False) for t in CODE_PROMPTS]
+    singles = {name: [run(llm, [p], [kw])[0] for p in prompts[:4]] for name, kw in table.items()}
+    names = list(table)
+    mixed = [names[i % len(names)] for i in range(16)]
+    batch = run(llm, prompts[:16], [table[n] for n in mixed])
+    return singles, list(zip(mixed, batch))
+
+
+_reference: dict = {}
+GREEDY_ORDER = [("we", "standard"), ("we", "alternate"), ("we", "naive"), ("cd", "standard"),
+                ("cd", "alternate"), ("we3", "standard"), ("we3", "alternate")]
+
+
+@pytest.mark.parametrize("rule,schedule", GREEDY_ORDER, ids=[f"{r}-{s}" for r, s in GREEDY_ORDER])
+def test_greedy_controls_identical_to_standard(engines, tok, rule, schedule):
+    singles, batch = greedy_runs(engines.get(rule, schedule), tok)
+    for name, outs in singles.items():
+        assert all(valid(name, text) for _, text in outs), f"{rule}/{schedule} {name}: invalid {outs}"
+    for name, (_, text) in batch:
+        assert valid(name, text), f"{rule}/{schedule} batch {name}: invalid {text!r}"
+    if schedule == "standard":
+        _reference[rule] = singles, batch
+        return
+    ref_singles, ref_batch = _reference[rule]
+    for name in singles:
+        got, want = [t for t, _ in singles[name]], [t for t, _ in ref_singles[name]]
+        assert got == want, f"{rule}/{schedule}: {name} differs from standard"
+    assert [t for _, (t, _) in batch] == [t for _, (t, _) in ref_batch], \
+        f"{rule}/{schedule}: the mixed batch of 16 differs from standard"
+
+
+def _first_two(llm, tok, kwargs, seeds, prompt):
+    outs = run(llm, [prompt] * len(seeds), [kwargs] * len(seeds), temperature=1.0, seeds=seeds, max_tokens=2)
+    return outs
+
+
+def _homogeneity_p(a: Counter, b: Counter) -> float:
+    from scipy.stats import chi2_contingency
+
+    keys = [k for k in set(a) | set(b) if a.get(k, 0) + b.get(k, 0) >= 10]
+    rest = [sum(c.get(k, 0) for k in set(c) - set(keys)) for c in (a, b)]
+    table = [[a.get(k, 0) for k in keys], [b.get(k, 0) for k in keys]]
+    if min(rest) >= 5:
+        table[0].append(rest[0])
+        table[1].append(rest[1])
+    return float(chi2_contingency(table)[1])
+
+
+SAMPLING_ORDER = [("we", "standard"), ("we", "alternate")]
+_samples: dict = {}
+
+
+@pytest.mark.parametrize("rule,schedule", SAMPLING_ORDER, ids=[f"{r}-{s}" for r, s in SAMPLING_ORDER])
+def test_first_two_tokens_follow_standard_under_choice_and_min_p(engines, tok, rule, schedule):
+    llm = engines.get(rule, schedule)
+    table = controls(tok)
+    prompt = tok.encode("    if x is ", add_special_tokens=False)
+    offset = 0 if schedule == "standard" else NUM_SAMPLES  # independent seeds per engine
+    seeds = list(range(offset, offset + NUM_SAMPLES))
+    got = {}
+    for name in ("choice", "min_p"):
+        outs = _first_two(llm, tok, table[name], seeds, prompt)
+        if name == "choice":  # every sampled completion is a valid prefix of a choice
+            assert all(any(c.startswith(text) for c in CHOICES) for _, text in outs)
+        got[name] = {"first": Counter(t[0] for t, _ in outs), "pair": Counter(tuple(t[:2]) for t, _ in outs)}
+    _samples[schedule] = got
+    if schedule == "standard":
+        return
+    for name in ("choice", "min_p"):
+        for which in ("first", "pair"):
+            p = _homogeneity_p(_samples["standard"][name][which], got[name][which])
+            assert p > P_THRESHOLD, f"{name}: {which} token(s) differ from standard (p = {p:.2e})"
+
+
+def test_sampled_structured_outputs_are_all_valid(engines, tok):
+    """Alternate, T = 1, seeded: every regex / choice / JSON / grammar completion is valid."""
+    llm = engines.get("we", "alternate")
+    table = controls(tok)
+    prompts = [tok.encode(t, add_special_tokens=False) for t in CODE_PROMPTS[:8]]
+    for name in ("regex", "choice", "json", "grammar"):
+        outs = run(llm, prompts * 4, [table[name]] * 32, temperature=1.0, seeds=list(range(32)))
+        bad = [text for _, text in outs if not valid(name, text)]
+        assert not bad, f"{name}: {len(bad)}/32 invalid, e.g. {bad[:2]}"
