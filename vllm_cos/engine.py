@@ -259,13 +259,13 @@ def other_model(cfg: CoSConfig):
 def draft_plan(cfg: CoSConfig) -> tuple[int, ...]:
     """Who drafts each token of one engine step (config indices, in drafting order).
 
-    In vLLM the served model T verifies every step and proposes one bonus token; the other
+    In vLLM the served model T verifies every step and proposes one token of its own; the other
     collaborators (the draft group, all run on every drafter pass) then draft in turn:
 
     * ``naive``: the proposer drafts its gamma tokens;
     * ``alternate``: starting with the proposer (the first non-served model if the proposer
       is T), each non-served model in config order drafts its gamma tokens -- the first one
-      is its bonus after scoring what was proposed before it (n-model CoS, section 3.4).
+      is its own proposal after scoring what was proposed before it (n-model CoS, section 3.4).
     """
     n = len(cfg.models)
     target = cfg.index(cfg.target)

@@ -15,7 +15,7 @@ published as ``vllm_cos_*`` Prometheus metrics from the worker process:
 registry: our console command (:mod:`vllm_cos.cli`) sets ``PROMETHEUS_MULTIPROC_DIR`` to a
 fresh temporary directory for ``serve`` (vLLM's own mechanism for several API servers;
 every vLLM gauge declares its multiprocess mode).  An offline ``LLM`` registers them in the
-process's default registry; :func:`vllm_cos.engine.cos_stats` gives the same numbers.
+process's default registry; :func:`vllm_cos.offline.cos_stats` gives the same numbers.
 
 Every ``VLLM_LOG_STATS_INTERVAL`` seconds (default 10) with new tokens, one line is logged
 next to vLLM's "SpecDecoding metrics" line, e.g.::
