@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Tokens/s of CoS schedules in the vLLM engine at batch 1 (offline ``LLM``, CPU build).
+"""Tokens/s of CoS schedules in the vLLM engine (offline ``LLM``, CPU build), batch 1 or B.
 
     .venv/bin/python scripts/engine_speed.py --models models/tiny \
         --schedules standard alternate --rule we --max-tokens 128 --requests 8
+    # adaptive draft length at batch 8 (each generate call sends 8 requests at once):
+    .venv/bin/python scripts/engine_speed.py --models ../shared/models --gamma auto --batch 8
     # three collaborators (equal-weight ensemble), one draft token each (the paper's setting):
     .venv/bin/python scripts/engine_speed.py --models models/tiny --collaborators large medium small --gamma 1
 
@@ -58,31 +60,38 @@ def run_child(args) -> dict:
 
     models = Path(args.models).resolve()
     served = args.collaborators[0]
-    spec = {"models": [{"name": name, "path": str(models / name), "gamma": 1 if name == served else args.gamma}
-                       for name in args.collaborators],
-            "rule": RULES[args.rule], "schedule": args.child}
+    if args.gamma == "auto":
+        spec = {"models": [{"name": name, "path": str(models / name)} for name in args.collaborators], "gamma": "auto"}
+    else:
+        spec = {"models": [{"name": name, "path": str(models / name), "gamma": 1 if name == served else int(args.gamma)}
+                           for name in args.collaborators]}
+    spec.update(rule=RULES[args.rule], schedule=args.child)
     llm = LLM(model=str(models / served), speculative_config=spec, dtype="float32", enforce_eager=True,
-              max_model_len=512, max_num_seqs=4, gpu_memory_utilization=0.2, seed=0,
+              max_model_len=512, max_num_seqs=max(4, args.batch), gpu_memory_utilization=0.2, seed=0,
               enable_prefix_caching=False)
     tok = AutoTokenizer.from_pretrained(str(models / served))
-    prompts = [tok.encode(TEXTS[i % len(TEXTS)], add_special_tokens=False) for i in range(args.requests + 1)]
+    prompts = [tok.encode(TEXTS[i % len(TEXTS)], add_special_tokens=False)
+               for i in range(args.batch * (args.requests + 1))]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)  # warm-up
+    batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
+    for warm in batches[:1] * (3 if args.gamma == "auto" else 1):  # warm-up (auto: measures its costs)
+        llm.generate([TokensPrompt(prompt_token_ids=p) for p in warm], params, use_tqdm=False)
     stats_before = None
     if args.child != "standard":
         from vllm_cos.offline import cos_stats
 
         stats_before = cos_stats(llm)[0]
     tokens, seconds, cpu_seconds = 0, 0.0, 0.0
-    for p in prompts[1:]:
+    for batch in batches[1:]:
         start, cpu_start = time.perf_counter(), time.process_time()
-        out = llm.generate([TokensPrompt(prompt_token_ids=p)], params, use_tqdm=False)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], params, use_tqdm=False)
         seconds += time.perf_counter() - start
         cpu_seconds += time.process_time() - cpu_start
-        tokens += len(out[0].outputs[0].token_ids)
+        tokens += sum(len(o.outputs[0].token_ids) for o in outs)
     # process CPU time (all threads; the engine runs in this process) is less sensitive than
     # wall time to other load on a shared machine
-    result = {"schedule": args.child, "rule": args.rule, "requests": args.requests, "tokens": tokens,
+    result = {"schedule": args.child, "rule": args.rule, "gamma": args.gamma, "batch": args.batch,
+              "requests": args.requests * args.batch, "tokens": tokens,
               "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2),
               "cpu_seconds": round(cpu_seconds, 3), "tokens_per_cpu_s": round(tokens / cpu_seconds, 2),
               "load_avg_1m": round(os.getloadavg()[0], 2)}
@@ -109,7 +118,8 @@ def main() -> int:
     parser.add_argument("--rule", choices=list(RULES), default="we")
     parser.add_argument("--collaborators", nargs="+", default=["large", "small"],
                         help="model directories under --models; the first one is served")
-    parser.add_argument("--gamma", type=int, default=3, help="draft tokens of each non-served model per step")
+    parser.add_argument("--gamma", default="3", help="draft tokens of each non-served model per step, or 'auto'")
+    parser.add_argument("--batch", type=int, default=1, help="requests per generate call (all at once)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the engine")
@@ -134,7 +144,7 @@ def main() -> int:
     for schedule in args.schedules:
         cmd = [sys.executable, __file__, "--child", schedule, "--models", args.models, "--rule", args.rule,
                "--collaborators", *args.collaborators,
-               "--gamma", str(args.gamma), "--max-tokens", str(args.max_tokens), "--requests", str(args.requests)]
+               "--gamma", str(args.gamma), "--batch", str(args.batch), "--max-tokens", str(args.max_tokens), "--requests", str(args.requests)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

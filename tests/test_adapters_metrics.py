@@ -74,3 +74,19 @@ def test_user_metrics_dir_is_kept(monkeypatch, tmp_path):
     assert cli.install_metrics_dir(["serve", "model"]) is None
     assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "metrics")
     assert (tmp_path / "metrics").is_dir()  # created when missing (prometheus_client would fail)
+
+
+def test_draft_length_choices_are_logged_and_exported():
+    metrics = CoSMetrics("tgt", "drf", interval_s=1e9)
+    logger = logging.getLogger("vllm.cos")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        metrics.draft_lengths({1: 3, 32: 0}, 0.8)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert "draft length per step by batch size (gamma: auto, acceptance 0.80): B~1: 3, B~32: 0" in handler.lines[0]
+    assert _value("vllm_cos_draft_length", batch_bucket="1") == 3
+    assert _value("vllm_cos_draft_length", batch_bucket="32") == 0

@@ -6,7 +6,8 @@ schema, grammar; min_tokens with stop tokens; bad_words; allowed_token_ids; logi
 min_p; repetition / presence / frequency penalties):
 
 * greedy: token-identical to ``standard``, one request at a time and as one batch of 16 that
-  mixes every control (2 models WE and CD, 3 models WE);
+  mixes every control (2 models WE and CD, 3 models WE, and WE with `gamma: auto`, whose drafts
+  per step vary);
 * every structured-output completion is valid, greedy and sampled (T = 1, seeded);
 * at T = 1 the first two tokens under a ``choice`` constraint and under ``min_p`` follow the
   same distribution as ``standard``'s (two-sample chi-square over seeded requests).
@@ -24,7 +25,7 @@ from engine_helpers import CODE_PROMPTS, OneEngine
 pytestmark = pytest.mark.engine
 
 MAX_TOKENS = 20
-NUM_SAMPLES = 2000
+NUM_SAMPLES = 1500
 P_THRESHOLD = 1e-3
 REGEX = r"(def|class) [a-z_]{2,10}\((self|x|y)?\):"
 CHOICES = ["True", "False", "None", "self.value", "return x"]
@@ -38,10 +39,14 @@ RULES = {
 
 
 def cos_spec(models, rule: str, schedule: str) -> dict:
+    """``schedule`` "auto" = alternate with ``gamma: auto`` (the drafts per step vary)."""
     names = ["large", "medium", "small"] if rule == "we3" else ["large", "small"]
     gamma = {"large": 1, "medium": 1, "small": 2 if rule == "we3" else 3}
-    return {"models": [{"name": n, "path": str(models[n]), "gamma": gamma[n]} for n in names],
+    spec = {"models": [{"name": n, "path": str(models[n]), "gamma": gamma[n]} for n in names],
             "rule": RULES[rule], "schedule": schedule, "proposer": "small"}
+    if schedule == "auto":
+        spec.update(schedule="alternate", gamma="auto", models=[{"name": n, "path": str(models[n])} for n in names])
+    return spec
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +111,10 @@ def run(llm, prompt_ids, kwargs_list, temperature=0.0, seeds=None, max_tokens=MA
 
 
 def greedy_runs(llm, tok):
-    """(per control: outputs of 4 prompts one at a time, outputs of one batch of 16 mixing all)."""
+    """(per control: outputs of 3 prompts one at a time, outputs of one batch of 16 mixing all)."""
     table = controls(tok)
     prompts = [tok.encode(t, add_special_tokens=False) for t in CODE_PROMPTS]
-    singles = {name: [run(llm, [p], [kw])[0] for p in prompts[:4]] for name, kw in table.items()}
+    singles = {name: [run(llm, [p], [kw])[0] for p in prompts[:3]] for name, kw in table.items()}
     names = list(table)
     mixed = [names[i % len(names)] for i in range(16)]
     batch = run(llm, prompts[:16], [table[n] for n in mixed])
@@ -117,7 +122,7 @@ def greedy_runs(llm, tok):
 
 
 _reference: dict = {}
-GREEDY_ORDER = [("we", "standard"), ("we", "alternate"), ("we", "naive"), ("cd", "standard"),
+GREEDY_ORDER = [("we", "standard"), ("we", "alternate"), ("we", "naive"), ("we", "auto"), ("cd", "standard"),
                 ("cd", "alternate"), ("we3", "standard"), ("we3", "alternate")]
 
 

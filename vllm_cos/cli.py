@@ -123,8 +123,12 @@ def describe(cfg, tokenizer_size: int, dtype: str, notes: list[str]) -> list[str
         lines.append("schedule: standard (every model scores every token; no drafts)")
     else:
         bonus = f"{cfg.target} verifies and proposes 1 token, then " if cfg.schedule == "alternate" else ""
-        lines.append(f"schedule: {cfg.schedule}, proposal {cfg.proposal}; per engine step {bonus}"
+        upto = "up to " if cfg.draft_length == "auto" else ""
+        lines.append(f"schedule: {cfg.schedule}, proposal {cfg.proposal}; per engine step {bonus}{upto}"
                      f"{_runs(plan, names)} draft ({len(plan)} speculative tokens)")
+        if cfg.draft_length == "auto":
+            lines.append("draft length: auto (each step drafts the first k of these, k chosen per batch size "
+                         "from measured acceptance and step time; k = 0 verifies proposals only)")
     lines += [f"note: {n}" for n in notes]
     return lines
 

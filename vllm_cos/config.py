@@ -28,6 +28,8 @@ SCHEDULES = ("standard", "naive", "alternate")
 PROPOSALS = ("tempered", "raw")
 # served: what vLLM does when it serves a model the file does not list (refuse / add it).
 SERVED_POLICIES = ("listed", "join")
+DRAFT_LENGTHS = ("fixed", "auto")
+AUTO_MAX_GAMMA = 4  # gamma: auto -- each drafter drafts up to this many tokens per step
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CUSTOM_INPUTS = ("probs", "logits")
 
@@ -69,6 +71,7 @@ class CoSConfig:
     proposer: str | None = None  # resolved in validation
     proposal: str = "tempered"  # proposal q: the proposer's own p tempered like r, or raw
     served: str = "listed"  # vLLM: the served model must be listed (or "join": it is added)
+    draft_length: str = "fixed"  # vLLM: "auto" = gammas are per-step maxima, each step picks its own
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -91,6 +94,7 @@ class CoSConfig:
             "proposer": self.proposer,
             "proposal": self.proposal,
             "served": self.served,
+            "draft_length": self.draft_length,
         }
 
 
@@ -134,14 +138,20 @@ def _read_source(source) -> tuple[str, Path]:
 
 def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
     _check_keys(raw, "<top level>", required={"models", "rule"},
-                optional={"target", "schedule", "proposer", "proposal", "gamma", "served"})
+                optional={"target", "schedule", "proposer", "proposal", "gamma", "served", "draft_length"})
     models = _parse_models(raw["models"], base_dir)
-    if "gamma" in raw:
-        models = _apply_gamma_list(raw["gamma"], raw["models"], models)
     names = [m.name for m in models]
-
     target = raw.get("target", names[0])
     _check_name(target, names, "target")
+    draft_length = _choice(raw.get("draft_length", "fixed"), DRAFT_LENGTHS, "draft_length")
+    if raw.get("gamma") == "auto":
+        if "draft_length" in raw and draft_length != "auto":
+            raise ConfigError("gamma", f"is 'auto' but draft_length is {draft_length!r}")
+        draft_length = "auto"
+        models = _apply_gamma_list([1 if m.name == target else AUTO_MAX_GAMMA for m in models],
+                                   raw["models"], models, where="gamma")
+    elif "gamma" in raw:
+        models = _apply_gamma_list(raw["gamma"], raw["models"], models)
 
     schedule = _choice(raw.get("schedule", "alternate"), SCHEDULES, "schedule")
     proposal = _choice(raw.get("proposal", "tempered"), PROPOSALS, "proposal")
@@ -162,11 +172,12 @@ def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
                 raise ConfigError(f"models[{i}].gamma",
                                   f"schedule 'alternate' needs gamma >= 1 for every model, {m.name!r} has {m.gamma}")
     return CoSConfig(models=tuple(models), rule=rule, target=target, schedule=schedule,
-                     proposer=proposer, proposal=proposal, served=served)
+                     proposer=proposer, proposal=proposal, served=served, draft_length=draft_length)
 
 
-def _apply_gamma_list(value, raw_models: list, models: list[ModelSpec]) -> list[ModelSpec]:
-    """Top-level ``gamma``: one integer for every model, or a list in the order of ``models``."""
+def _apply_gamma_list(value, raw_models: list, models: list[ModelSpec], where: str | None = None) -> list[ModelSpec]:
+    """Top-level ``gamma``: one integer for every model, or a list in the order of ``models``
+    (``where``: the field to name instead, for ``gamma: auto``)."""
     names = [m.name for m in models]
     if isinstance(value, list):
         if len(value) != len(models):
@@ -176,11 +187,11 @@ def _apply_gamma_list(value, raw_models: list, models: list[ModelSpec]) -> list[
     else:
         gammas = [value] * len(models)
     for i, (g, item) in enumerate(zip(gammas, raw_models)):
-        where = "gamma" if not isinstance(value, list) else f"gamma[{i}]"
+        field_name = where or ("gamma" if not isinstance(value, list) else f"gamma[{i}]")
         if isinstance(g, bool) or not isinstance(g, int):
-            raise ConfigError(where, f"must be an integer, got {g!r}")
+            raise ConfigError(field_name, f"must be an integer (or, top-level, a list of them or 'auto'), got {g!r}")
         if g < 0:
-            raise ConfigError(where, f"must be >= 0, got {g}")
+            raise ConfigError(field_name, f"must be >= 0, got {g}")
         if isinstance(item, Mapping) and "gamma" in item:
             raise ConfigError(f"models[{i}].gamma", "is also set by the top-level gamma; set it in one place")
     return [ModelSpec(name=m.name, path=m.path, gamma=g, dtype=m.dtype) for m, g in zip(models, gammas)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_cos.adaptive import DraftLengthController
 from vllm_cos.combine import build_combiner
 from vllm_cos.engine import draft_plan
 from vllm_cos.adapters.step import GrammarHandoff, StepChannel
@@ -70,6 +71,8 @@ class CoSCore:
         self.grammar = GrammarHandoff()
         self.stash = None  # DraftStash, allocated by the proposer at model load
         self.stats = CoSStats()
+        self.draft_length = (DraftLengthController(len(self.plan)) if cfg.draft_length == "auto" and self.plan
+                             else None)  # gamma: auto
         self.logprobs_mode = "raw_logprobs"
         self.metrics = None  # CoSMetrics, set in the worker
 

@@ -9,7 +9,9 @@ published as ``vllm_cos_*`` Prometheus metrics from the worker process:
   proposals verified against r and accepted, per proposing model;
 * ``vllm_cos_emitted_tokens_total``, ``vllm_cos_verification_rounds_total`` (request-steps);
 * gauges ``vllm_cos_acceptance_rate`` and ``vllm_cos_mean_accepted_length`` (tokens emitted per
-  verification round), cumulative since the engine started.
+  verification round), cumulative since the engine started;
+* gauge ``vllm_cos_draft_length{batch_bucket}`` under ``gamma: auto``: the drafts per step chosen
+  for batches of about that size (also logged when a choice changes).
 
 ``vllm serve`` shows them on ``/metrics`` when the API server reads a multiprocess
 registry: our console command (:mod:`vllm_cos.cli`) sets ``PROMETHEUS_MULTIPROC_DIR`` to a
@@ -59,6 +61,9 @@ def _metrics():
             "mean_accepted_length": pc.Gauge("vllm_cos_mean_accepted_length",
                                              "CoS: tokens emitted per verification round since start",
                                              ["model_pair"], multiprocess_mode="mostrecent"),
+            "draft_length": pc.Gauge("vllm_cos_draft_length",
+                                     "CoS (gamma: auto): drafts per step chosen for a batch-size bucket",
+                                     ["batch_bucket"], multiprocess_mode="mostrecent"),
         }
     return _METRICS
 
@@ -106,6 +111,14 @@ class CoSMetrics:
             self._last_log = t
             self._logged_tokens = now["tokens_emitted"]
             logger.info(self.line(stats))
+
+    def draft_lengths(self, chosen: dict[int, int], acceptance: float) -> None:
+        """gamma: auto changed its choice: one log line and the per-bucket gauge."""
+        logger.info("cos: draft length per step by batch size (gamma: auto, acceptance %.2f): %s", acceptance,
+                    ", ".join(f"B~{b}: {k}" for b, k in chosen.items()))
+        if self._m is not None:
+            for bucket, k in chosen.items():
+                self._m["draft_length"].labels(batch_bucket=str(bucket)).set(k)
 
     def line(self, stats) -> str:
         s = stats.as_dict()

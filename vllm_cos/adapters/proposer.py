@@ -27,6 +27,7 @@ vLLM internals touched: ``DraftModelProposer`` / ``SpecDecodeBaseProposer`` (``l
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 
 import torch
@@ -85,6 +86,7 @@ def make_proposer_class(stock_class):
             carried = config_from_additional(vllm_config.additional_config)
             self.cos_core = None if carried is None else CoSCore(*carried)
             self.cos_runner = runner
+            self._cos_last_step = None  # gamma: auto -- (time, batch, k, drafts proposed, accepted)
 
         def load_model(self, target_model) -> None:
             super().load_model(target_model)
@@ -235,11 +237,31 @@ def make_proposer_class(stock_class):
                 discarded = step.discard[:batch].bool().sum()
                 core.stats.add("tokens_emitted", -discarded)
                 core.stats.add("row_steps", -discarded)
+            gamma = self._draft_length(batch, num_speculative_tokens)
             drafts = self._draft_after(cad, hidden, token_indices, tokens, next_token_ids, step, batch,
-                                       num_speculative_tokens, num_rejected_tokens_gpu)
+                                       gamma, num_rejected_tokens_gpu)
             if core.metrics is not None:
                 core.metrics.publish(core.stats)
             return drafts
+
+        def _draft_length(self, batch: int, max_drafts: int) -> int:
+            """This step's number of drafts: fixed, or chosen from measured cost and acceptance."""
+            controller = self.cos_core.draft_length
+            if controller is None:
+                return max_drafts
+            now = time.perf_counter()
+            counts = self.cos_core.stats.as_dict()
+            last = self._cos_last_step
+            if last is not None:  # the previous step: its k, batch, time, and what it left to verify
+                t, last_batch, k, proposed, accepted = last
+                controller.observe(last_batch, k, now - t, counts["drafts_proposed"] - proposed,
+                                   counts["drafts_accepted"] - accepted)
+            before = controller.chosen()
+            k = min(controller.choose(batch), max_drafts)
+            if controller.chosen() != before and self.cos_core.metrics is not None:
+                self.cos_core.metrics.draft_lengths(controller.chosen(), controller.acceptance)
+            self._cos_last_step = (now, batch, k, counts["drafts_proposed"], counts["drafts_accepted"])
+            return k
 
         def _draft_after(self, cad, hidden, token_indices, tokens, next_token_ids, step, batch, gamma,
                          num_rejected_tokens_gpu):

@@ -1,0 +1,112 @@
+"""Adaptive draft length (``gamma: auto``): pick each step's number of drafts k in [0, K].
+
+Per engine step every request emits its accepted drafts plus one more token (the recovered
+token, or the served model's proposal once the group has verified it), so with a per-draft
+acceptance rate a the expected tokens per request and step are
+
+    E(k) = 1 + a + a^2 + ... + a^k = (1 - a^(k+1)) / (1 - a)       (Theorem 3.1's count)
+
+and the step's cost t(B, k) is *measured*, per batch-size bucket, not assumed constant:
+on CPU at batch >= 8 verifying k tokens per request costs far more than one, which is why a
+fixed gamma is slower than standard under load.  The controller maximises B * E(k) / t(B, k),
+k = 0 included (the collaborators then only verify each other's single proposals).
+
+Estimates: a is a running (exponentially weighted) acceptance of the drafts verified; t(B, k)
+a running mean of the wall time of steady steps (the previous step used the same k, so that
+the step verified k drafts and drafted k).  A k never measured in a bucket is estimated from
+the measured ones (linear in k); each bucket re-measures a neighbour of its best k every
+``explore_every`` steps, for two steps.  Pure Python: no torch, no vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """E(k) tokens per request and step for k drafts at per-draft acceptance ``acceptance``."""
+    a = min(max(acceptance, 0.0), 1.0)
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+def bucket_of(batch: int) -> int:
+    """Batch sizes grouped by powers of two: 1, 2, 4, 8, ..."""
+    b = 1
+    while b * 2 <= max(batch, 1):
+        b *= 2
+    return b
+
+
+@dataclass
+class _Bucket:
+    cost: dict[int, float] = field(default_factory=dict)  # k -> running mean step seconds
+    best: int | None = None
+    steps: int = 0
+    trial: list[int] = field(default_factory=list)  # ks still to run for a re-measurement
+
+
+@dataclass
+class DraftLengthController:
+    max_drafts: int
+    acceptance: float = 0.7  # prior until drafts are verified
+    smoothing: float = 0.1  # weight of a new observation in the running means
+    explore_every: int = 32
+    buckets: dict[int, _Bucket] = field(default_factory=dict)
+    _last: tuple[int, int] | None = None  # (bucket, k) of the previous step
+
+    def estimated_cost(self, bucket: int, k: int) -> float | None:
+        """t(B, k) measured, or linear in k through the measured points (None if none)."""
+        cost = self.buckets.get(bucket, _Bucket()).cost
+        if k in cost:
+            return cost[k]
+        if not cost:
+            return None
+        ks = sorted(cost)
+        if len(ks) == 1:  # one point: assume each draft adds half a step (refined once measured)
+            return cost[ks[0]] * (1.0 + 0.5 * (k - ks[0]) / (ks[0] + 1)) if k > ks[0] else cost[ks[0]]
+        lo, hi = (ks[0], ks[1]) if k < ks[0] else (ks[-2], ks[-1]) if k > ks[-1] else \
+            max((a, b) for a, b in zip(ks, ks[1:]) if a < k < b)
+        slope = (cost[hi] - cost[lo]) / (hi - lo)
+        return max(cost[lo] + slope * (k - lo), 1e-9)
+
+    def rate(self, bucket: int, k: int) -> float | None:
+        """Expected tokens per second per request with k drafts (None without any cost)."""
+        t = self.estimated_cost(bucket, k)
+        return None if t is None else expected_tokens(self.acceptance, k) / t
+
+    def choose(self, batch: int) -> int:
+        """k for a step of ``batch`` requests."""
+        b = bucket_of(batch)
+        state = self.buckets.setdefault(b, _Bucket())
+        state.steps += 1
+        if state.trial:
+            return state.trial.pop(0)
+        rates = {k: self.rate(b, k) for k in range(self.max_drafts + 1)}
+        if rates[0] is None:  # nothing measured: start from the configured maximum
+            state.best = self.max_drafts
+            state.trial = [self.max_drafts]
+            return self.max_drafts
+        best = max(rates, key=lambda k: rates[k])
+        state.best = best
+        if state.steps % self.explore_every == 0:
+            unmeasured = [k for k in range(self.max_drafts + 1) if k not in state.cost]
+            neighbour = unmeasured[0] if unmeasured else (best + 1 if best < self.max_drafts else best - 1)
+            neighbour = min(max(neighbour, 0), self.max_drafts)
+            state.trial = [neighbour]
+            return neighbour
+        return best
+
+    def observe(self, batch: int, k: int, seconds: float, proposed: int, accepted: int) -> None:
+        """One finished step: its k, wall time, and the drafts it verified (proposed, accepted)."""
+        if proposed > 0:
+            self.acceptance += self.smoothing * (accepted / proposed - self.acceptance)
+        b = bucket_of(batch)
+        state = self.buckets.setdefault(b, _Bucket())
+        if self._last == (b, k) and seconds > 0:  # steady: verified k and drafted k
+            old = state.cost.get(k)
+            state.cost[k] = seconds if old is None else old + self.smoothing * (seconds - old)
+        self._last = (b, k)
+
+    def chosen(self) -> dict[int, int]:
+        """The current best k per batch-size bucket (for logs and metrics)."""
+        return {b: s.best for b, s in sorted(self.buckets.items()) if s.best is not None}
