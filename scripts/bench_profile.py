@@ -118,7 +118,9 @@ def main(argv=None):
               f"{1000 * overhead / steps:.2f} ms/step = {100 * overhead / wall:.1f}% of the step")
     print()
     stats.sort_stats("tottime").print_stats(args.top)
-    bench.stop_engine(llm)
+    from vllm_cos.offline import shutdown_llm
+
+    shutdown_llm(llm)
 
 
 if __name__ == "__main__":
