@@ -77,213 +77,214 @@ def install_samplers(core: CoSCore, runner, max_requests: int, device) -> None:
                 core.stash.bytes_per_request())
 
 
+class CoSProposerMixin:
+    """The CoS overrides of vLLM's ``DraftModelProposer`` (see :func:`make_proposer_class`)."""
+
+    def __init__(self, vllm_config, device, runner=None):
+        super().__init__(vllm_config, device, runner=runner)
+        carried = config_from_additional(vllm_config.additional_config)
+        self.cos_core = None if carried is None else CoSCore(*carried)
+        self.cos_runner = runner
+        self._cos_last_step = None  # gamma: auto -- (time, batch, k, drafts proposed, accepted)
+
+    def load_model(self, target_model) -> None:
+        super().load_model(target_model)
+        core = self.cos_core
+        if core is None:
+            return
+        if self.num_speculative_tokens != len(core.plan):
+            raise RuntimeError(f"cos: vLLM schedules {self.num_speculative_tokens} draft tokens per "
+                               f"step but the CoS plan has {len(core.plan)}")
+        install_samplers(core, self.cos_runner, self.vllm_config.scheduler_config.max_num_seqs,
+                         self.device)
+
+    def prepare_next_token_ids_padded(self, sampled_token_ids, requests, gpu_input_batch,
+                                      discard_request_mask):
+        if self.cos_core is not None:
+            self.cos_core.steps.attach_sampled(sampled_token_ids, discard_request_mask)
+        return super().prepare_next_token_ids_padded(sampled_token_ids, requests, gpu_input_batch,
+                                                     discard_request_mask)
+
+    def _get_model(self):
+        """The draft group (every collaborator but the served one) as one vLLM model."""
+        if self.cos_core is None:
+            return super()._get_model()
+        from vllm.compilation.backends import set_model_tag
+        from vllm.config.utils import replace
+        from vllm.model_executor.model_loader import get_model
+
+        from vllm_cos.adapters.member_stack import member_model_config
+        from vllm_cos.engine import DRAFT_GROUP_ARCH
+
+        core = self.cos_core
+        draft_config = self._create_draft_vllm_config()
+        first = core.cfg.models[core.group[0]]
+        group_config = member_model_config(draft_config, first.path,
+                                           hf_overrides={"architectures": [DRAFT_GROUP_ARCH]})
+        with set_model_tag("draft_model"):
+            return get_model(vllm_config=replace(draft_config, model_config=group_config), prefix="draft_model")
+
+    def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
+        super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+        if self.cos_core is not None:
+            from vllm_cos.adapters.kv_share import log_kv_share
+
+            log_kv_share(self.cos_core, kv_cache_config)
+
+    def _forward(self, common_attn_metadata, num_tokens: int, slot_mapping, first_pass: bool):
+        from vllm.forward_context import set_forward_context
+
+        _, per_layer = self.build_per_group_and_layer_attn_metadata(common_attn_metadata)
+        mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
+        if first_pass:
+            kwargs, slot_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens, None)
+        else:
+            kwargs = {"input_ids": self.input_ids[:num_input_tokens],
+                      "positions": self.positions[:num_input_tokens], "inputs_embeds": None}
+            slot_size = num_input_tokens
+        with set_forward_context(per_layer, self.vllm_config, num_tokens=num_input_tokens,
+                                 num_tokens_across_dp=across_dp, cudagraph_runtime_mode=mode,
+                                 slot_mapping=self._get_slot_mapping(slot_size, slot_mapping)):
+            hidden = self.model(**kwargs)
+        if isinstance(hidden, tuple):
+            hidden = hidden[0]
+        self.cos_core.stats.add("draft_forwards", 1)
+        return hidden
+
+    def _single_token_pass(self, cad, token_ids, current_positions, batch):
+        """One token per row at ``current_positions + 1`` (KV written, hidden returned)."""
+        self.input_ids[:batch] = token_ids.to(self.input_ids.dtype)
+        positions = self._update_positions_dependent_metadata(
+            current_positions, cad, batch, batch, self.block_size)
+        hidden = self._forward(cad, batch, None, first_pass=False)[:batch]
+        return hidden, positions
+
+    def _verify_proposals(self, step, group_logits, next_token_ids, batch):
+        """r at each served proposal; returns the next tokens [B] (accepted or replaced)."""
+        core, pending, sampling = self.cos_core, step.proposals, step.sampling
+        live = pending.rows[:batch]
+        if step.discard is not None:
+            live = live & ~step.discard[:batch].bool()
+        tokens = next_token_ids[:batch].long()
+        log_r = core.combine(pending.target_logits, group_logits)
+        layout = RowLayout.at(pending.slot)
+        r = sampling.probs(step.controls.apply(log_r, layout, pending.grammar))
+        if core.schedule == "naive":
+            new = sampling.sample(r)
+        else:
+            out = verify(tokens.unsqueeze(1), torch.ones_like(tokens), pending.proposal_probs.unsqueeze(1),
+                         torch.stack([r, torch.zeros_like(r)], dim=1),
+                         torch.zeros_like(tokens, dtype=torch.bool), sampling.generators)
+            new = out.token_ids[:, 0]
+            core.stats.add("served_proposed", live.sum())
+            core.stats.add("served_accepted", (live & ~out.rejected).sum())
+        new = torch.where(live, new, tokens)
+        if step.logprobs is not None:
+            self._fill_logprobs(step.logprobs, pending.slot, live, log_r, r, new)
+        rows = torch.arange(batch, device=new.device)
+        column = step.sampled[rows, pending.slot]
+        step.sampled[rows, pending.slot] = torch.where(live, new.to(column.dtype), column)
+        return new
+
+    def _fill_logprobs(self, target, slot, live, log_r, r, tokens):
+        fresh = self.cos_core.logprob_rows(log_r, r, tokens, target.num_logprobs)
+        index = torch.arange(slot.shape[0], device=slot.device) * target.width + slot
+        t = target.tensors
+        for name in ("logprob_token_ids", "logprobs", "selected_token_ranks"):
+            old, new = getattr(t, name)[index], getattr(fresh, name)
+            keep = live.view(-1, *([1] * (old.dim() - 1)))
+            getattr(t, name)[index] = torch.where(keep, new.to(old.dtype), old)
+
+    def _draft(self, cad, last_hidden, positions, sampling, gamma, batch):
+        """The plan's gamma drafts [B, gamma] and every member's logits [B, gamma, M, V]."""
+        core = self.cos_core
+        draft_ids, member_logits = [], []
+        for j in range(gamma):
+            group_logits = self.model.member_logits(last_hidden)  # [M, B, V]
+            q = core.proposal_probs(group_logits[core.plan[j]], sampling)
+            token = sampling.sample(q)
+            draft_ids.append(token)
+            member_logits.append(group_logits)
+            if j + 1 < gamma:
+                last_hidden, positions = self._single_token_pass(cad, token, positions, batch)
+        return torch.stack(draft_ids, dim=1), torch.stack(member_logits, dim=0).permute(2, 0, 1, 3)
+
+    def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
+                next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
+                mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None):
+        core = self.cos_core
+        if core is None:
+            return super().propose(num_speculative_tokens, target_token_ids, target_positions,
+                                   target_hidden_states, next_token_ids, token_indices_to_sample,
+                                   common_attn_metadata, sampling_metadata, mm_embed_inputs,
+                                   num_rejected_tokens_gpu, slot_mappings)
+        self.num_speculative_tokens = num_speculative_tokens
+        self._last_draft_probs = None
+        batch = common_attn_metadata.batch_size()
+        req_ids = tuple(self.cos_runner.input_batch.req_ids[:batch])
+        step = core.steps.consume(req_ids)
+        num_tokens, token_indices, cad = self.set_inputs_first_pass(
+            target_token_ids=target_token_ids, next_token_ids=next_token_ids,
+            target_positions=target_positions, target_hidden_states=target_hidden_states,
+            token_indices_to_sample=token_indices_to_sample, cad=common_attn_metadata,
+            num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+        hidden = self._forward(cad, num_tokens, cad.slot_mapping, first_pass=True)
+        token_indices = token_indices[:batch].long()
+        group_logits = self.model.member_logits(hidden[token_indices - 1])  # [M, B, V] at the proposals
+        tokens = self._verify_proposals(step, group_logits, next_token_ids, batch)
+        if step.discard is not None:  # partial prefill chunks emitted nothing after all
+            discarded = step.discard[:batch].bool().sum()
+            core.stats.add("tokens_emitted", -discarded)
+            core.stats.add("row_steps", -discarded)
+        gamma = self._draft_length(batch, num_speculative_tokens)
+        drafts = self._draft_after(cad, hidden, token_indices, tokens, next_token_ids, step, batch,
+                                   gamma, num_rejected_tokens_gpu)
+        if core.metrics is not None:
+            core.metrics.publish(core.stats)
+        return drafts
+
+    def _draft_length(self, batch: int, max_drafts: int) -> int:
+        """This step's number of drafts: fixed, or chosen from measured cost and acceptance."""
+        controller = self.cos_core.draft_length
+        if controller is None:
+            return max_drafts
+        now = time.perf_counter()
+        counts = self.cos_core.stats.as_dict()
+        last = self._cos_last_step
+        if last is not None:  # the previous step: its k, batch, time, and what it left to verify
+            t, last_batch, k, proposed, accepted = last
+            controller.observe(last_batch, k, now - t, counts["drafts_proposed"] - proposed,
+                               counts["drafts_accepted"] - accepted)
+        before = controller.chosen()
+        k = min(controller.choose(batch), max_drafts)
+        if controller.chosen() != before and self.cos_core.metrics is not None:
+            self.cos_core.metrics.draft_lengths(controller.chosen(), controller.acceptance)
+        self._cos_last_step = (now, batch, k, counts["drafts_proposed"], counts["drafts_accepted"])
+        return k
+
+    def _draft_after(self, cad, hidden, token_indices, tokens, next_token_ids, step, batch, gamma,
+                     num_rejected_tokens_gpu):
+        """From the verified tokens on: one token per row, the plan's drafts, the stash."""
+        positions = self.positions[token_indices].clone()
+        cad.num_actual_tokens = batch
+        cad.max_query_len = 1
+        cad.query_start_loc = self.arange[: batch + 1]
+        cad.query_start_loc_cpu = torch.from_numpy(self.token_arange_np[: batch + 1]).clone()
+        if num_rejected_tokens_gpu is not None:
+            cad.seq_lens -= num_rejected_tokens_gpu
+        if gamma == 0:
+            return torch.empty(batch, 0, dtype=torch.int64, device=hidden.device)
+        last_hidden = hidden[token_indices]
+        if bool((tokens != next_token_ids[:batch].long()).any()):  # one host sync per step
+            # Re-feed the verified token at the same position (overwrites the proposal's KV).
+            cad.seq_lens -= 1
+            cad.max_seq_len = max(cad.max_seq_len - 1, 1)
+            last_hidden, positions = self._single_token_pass(cad, tokens, positions - 1, batch)
+        drafts, member_logits = self._draft(cad, last_hidden, positions, step.sampling, gamma, batch)
+        self.cos_core.stash.put(step.req_ids, drafts, member_logits)
+        return drafts
+
+
 def make_proposer_class(stock_class):
-    """CoSProposer as a subclass of the stock DraftModelProposer (isinstance checks pass)."""
-
-    class CoSProposer(stock_class):
-        def __init__(self, vllm_config, device, runner=None):
-            super().__init__(vllm_config, device, runner=runner)
-            carried = config_from_additional(vllm_config.additional_config)
-            self.cos_core = None if carried is None else CoSCore(*carried)
-            self.cos_runner = runner
-            self._cos_last_step = None  # gamma: auto -- (time, batch, k, drafts proposed, accepted)
-
-        def load_model(self, target_model) -> None:
-            super().load_model(target_model)
-            core = self.cos_core
-            if core is None:
-                return
-            if self.num_speculative_tokens != len(core.plan):
-                raise RuntimeError(f"cos: vLLM schedules {self.num_speculative_tokens} draft tokens per "
-                                   f"step but the CoS plan has {len(core.plan)}")
-            install_samplers(core, self.cos_runner, self.vllm_config.scheduler_config.max_num_seqs,
-                             self.device)
-
-        def prepare_next_token_ids_padded(self, sampled_token_ids, requests, gpu_input_batch,
-                                          discard_request_mask):
-            if self.cos_core is not None:
-                self.cos_core.steps.attach_sampled(sampled_token_ids, discard_request_mask)
-            return super().prepare_next_token_ids_padded(sampled_token_ids, requests, gpu_input_batch,
-                                                         discard_request_mask)
-
-        def _get_model(self):
-            """The draft group (every collaborator but the served one) as one vLLM model."""
-            if self.cos_core is None:
-                return super()._get_model()
-            from vllm.compilation.backends import set_model_tag
-            from vllm.config.utils import replace
-            from vllm.model_executor.model_loader import get_model
-
-            from vllm_cos.adapters.member_stack import member_model_config
-            from vllm_cos.engine import DRAFT_GROUP_ARCH
-
-            core = self.cos_core
-            draft_config = self._create_draft_vllm_config()
-            first = core.cfg.models[core.group[0]]
-            group_config = member_model_config(draft_config, first.path,
-                                               hf_overrides={"architectures": [DRAFT_GROUP_ARCH]})
-            with set_model_tag("draft_model"):
-                return get_model(vllm_config=replace(draft_config, model_config=group_config), prefix="draft_model")
-
-        def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
-            super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
-            if self.cos_core is not None:
-                from vllm_cos.adapters.kv_share import log_kv_share
-
-                log_kv_share(self.cos_core, kv_cache_config)
-
-        def _forward(self, common_attn_metadata, num_tokens: int, slot_mapping, first_pass: bool):
-            from vllm.forward_context import set_forward_context
-
-            _, per_layer = self.build_per_group_and_layer_attn_metadata(common_attn_metadata)
-            mode, num_input_tokens, across_dp = self._determine_batch_execution_and_padding(num_tokens)
-            if first_pass:
-                kwargs, slot_size = self.build_model_inputs_first_pass(num_tokens, num_input_tokens, None)
-            else:
-                kwargs = {"input_ids": self.input_ids[:num_input_tokens],
-                          "positions": self.positions[:num_input_tokens], "inputs_embeds": None}
-                slot_size = num_input_tokens
-            with set_forward_context(per_layer, self.vllm_config, num_tokens=num_input_tokens,
-                                     num_tokens_across_dp=across_dp, cudagraph_runtime_mode=mode,
-                                     slot_mapping=self._get_slot_mapping(slot_size, slot_mapping)):
-                hidden = self.model(**kwargs)
-            if isinstance(hidden, tuple):
-                hidden = hidden[0]
-            self.cos_core.stats.add("draft_forwards", 1)
-            return hidden
-
-        def _single_token_pass(self, cad, token_ids, current_positions, batch):
-            """One token per row at ``current_positions + 1`` (KV written, hidden returned)."""
-            self.input_ids[:batch] = token_ids.to(self.input_ids.dtype)
-            positions = self._update_positions_dependent_metadata(
-                current_positions, cad, batch, batch, self.block_size)
-            hidden = self._forward(cad, batch, None, first_pass=False)[:batch]
-            return hidden, positions
-
-        def _verify_proposals(self, step, group_logits, next_token_ids, batch):
-            """r at each served proposal; returns the next tokens [B] (accepted or replaced)."""
-            core, pending, sampling = self.cos_core, step.proposals, step.sampling
-            live = pending.rows[:batch]
-            if step.discard is not None:
-                live = live & ~step.discard[:batch].bool()
-            tokens = next_token_ids[:batch].long()
-            log_r = core.combine(pending.target_logits, group_logits)
-            layout = RowLayout.at(pending.slot)
-            r = sampling.probs(step.controls.apply(log_r, layout, pending.grammar))
-            if core.schedule == "naive":
-                new = sampling.sample(r)
-            else:
-                out = verify(tokens.unsqueeze(1), torch.ones_like(tokens), pending.proposal_probs.unsqueeze(1),
-                             torch.stack([r, torch.zeros_like(r)], dim=1),
-                             torch.zeros_like(tokens, dtype=torch.bool), sampling.generators)
-                new = out.token_ids[:, 0]
-                core.stats.add("served_proposed", live.sum())
-                core.stats.add("served_accepted", (live & ~out.rejected).sum())
-            new = torch.where(live, new, tokens)
-            if step.logprobs is not None:
-                self._fill_logprobs(step.logprobs, pending.slot, live, log_r, r, new)
-            rows = torch.arange(batch, device=new.device)
-            column = step.sampled[rows, pending.slot]
-            step.sampled[rows, pending.slot] = torch.where(live, new.to(column.dtype), column)
-            return new
-
-        def _fill_logprobs(self, target, slot, live, log_r, r, tokens):
-            fresh = self.cos_core.logprob_rows(log_r, r, tokens, target.num_logprobs)
-            index = torch.arange(slot.shape[0], device=slot.device) * target.width + slot
-            t = target.tensors
-            for name in ("logprob_token_ids", "logprobs", "selected_token_ranks"):
-                old, new = getattr(t, name)[index], getattr(fresh, name)
-                keep = live.view(-1, *([1] * (old.dim() - 1)))
-                getattr(t, name)[index] = torch.where(keep, new.to(old.dtype), old)
-
-        def _draft(self, cad, last_hidden, positions, sampling, gamma, batch):
-            """The plan's gamma drafts [B, gamma] and every member's logits [B, gamma, M, V]."""
-            core = self.cos_core
-            draft_ids, member_logits = [], []
-            for j in range(gamma):
-                group_logits = self.model.member_logits(last_hidden)  # [M, B, V]
-                q = core.proposal_probs(group_logits[core.plan[j]], sampling)
-                token = sampling.sample(q)
-                draft_ids.append(token)
-                member_logits.append(group_logits)
-                if j + 1 < gamma:
-                    last_hidden, positions = self._single_token_pass(cad, token, positions, batch)
-            return torch.stack(draft_ids, dim=1), torch.stack(member_logits, dim=0).permute(2, 0, 1, 3)
-
-        def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
-                    next_token_ids, token_indices_to_sample, common_attn_metadata, sampling_metadata,
-                    mm_embed_inputs=None, num_rejected_tokens_gpu=None, slot_mappings=None):
-            core = self.cos_core
-            if core is None:
-                return super().propose(num_speculative_tokens, target_token_ids, target_positions,
-                                       target_hidden_states, next_token_ids, token_indices_to_sample,
-                                       common_attn_metadata, sampling_metadata, mm_embed_inputs,
-                                       num_rejected_tokens_gpu, slot_mappings)
-            self.num_speculative_tokens = num_speculative_tokens
-            self._last_draft_probs = None
-            batch = common_attn_metadata.batch_size()
-            req_ids = tuple(self.cos_runner.input_batch.req_ids[:batch])
-            step = core.steps.consume(req_ids)
-            num_tokens, token_indices, cad = self.set_inputs_first_pass(
-                target_token_ids=target_token_ids, next_token_ids=next_token_ids,
-                target_positions=target_positions, target_hidden_states=target_hidden_states,
-                token_indices_to_sample=token_indices_to_sample, cad=common_attn_metadata,
-                num_rejected_tokens_gpu=num_rejected_tokens_gpu)
-            hidden = self._forward(cad, num_tokens, cad.slot_mapping, first_pass=True)
-            token_indices = token_indices[:batch].long()
-            group_logits = self.model.member_logits(hidden[token_indices - 1])  # [M, B, V] at the proposals
-            tokens = self._verify_proposals(step, group_logits, next_token_ids, batch)
-            if step.discard is not None:  # partial prefill chunks emitted nothing after all
-                discarded = step.discard[:batch].bool().sum()
-                core.stats.add("tokens_emitted", -discarded)
-                core.stats.add("row_steps", -discarded)
-            gamma = self._draft_length(batch, num_speculative_tokens)
-            drafts = self._draft_after(cad, hidden, token_indices, tokens, next_token_ids, step, batch,
-                                       gamma, num_rejected_tokens_gpu)
-            if core.metrics is not None:
-                core.metrics.publish(core.stats)
-            return drafts
-
-        def _draft_length(self, batch: int, max_drafts: int) -> int:
-            """This step's number of drafts: fixed, or chosen from measured cost and acceptance."""
-            controller = self.cos_core.draft_length
-            if controller is None:
-                return max_drafts
-            now = time.perf_counter()
-            counts = self.cos_core.stats.as_dict()
-            last = self._cos_last_step
-            if last is not None:  # the previous step: its k, batch, time, and what it left to verify
-                t, last_batch, k, proposed, accepted = last
-                controller.observe(last_batch, k, now - t, counts["drafts_proposed"] - proposed,
-                                   counts["drafts_accepted"] - accepted)
-            before = controller.chosen()
-            k = min(controller.choose(batch), max_drafts)
-            if controller.chosen() != before and self.cos_core.metrics is not None:
-                self.cos_core.metrics.draft_lengths(controller.chosen(), controller.acceptance)
-            self._cos_last_step = (now, batch, k, counts["drafts_proposed"], counts["drafts_accepted"])
-            return k
-
-        def _draft_after(self, cad, hidden, token_indices, tokens, next_token_ids, step, batch, gamma,
-                         num_rejected_tokens_gpu):
-            """From the verified tokens on: one token per row, the plan's drafts, the stash."""
-            positions = self.positions[token_indices].clone()
-            cad.num_actual_tokens = batch
-            cad.max_query_len = 1
-            cad.query_start_loc = self.arange[: batch + 1]
-            cad.query_start_loc_cpu = torch.from_numpy(self.token_arange_np[: batch + 1]).clone()
-            if num_rejected_tokens_gpu is not None:
-                cad.seq_lens -= num_rejected_tokens_gpu
-            if gamma == 0:
-                return torch.empty(batch, 0, dtype=torch.int64, device=hidden.device)
-            last_hidden = hidden[token_indices]
-            if bool((tokens != next_token_ids[:batch].long()).any()):  # one host sync per step
-                # Re-feed the verified token at the same position (overwrites the proposal's KV).
-                cad.seq_lens -= 1
-                cad.max_seq_len = max(cad.max_seq_len - 1, 1)
-                last_hidden, positions = self._single_token_pass(cad, tokens, positions - 1, batch)
-            drafts, member_logits = self._draft(cad, last_hidden, positions, step.sampling, gamma, batch)
-            self.cos_core.stash.put(step.req_ids, drafts, member_logits)
-            return drafts
-
-    CoSProposer.__name__ = CoSProposer.__qualname__ = "CoSProposer"
-    return CoSProposer
+    """CoSProposer: the CoS overrides on the stock DraftModelProposer (isinstance checks pass)."""
+    return type("CoSProposer", (CoSProposerMixin, stock_class), {"__module__": __name__})
