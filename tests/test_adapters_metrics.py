@@ -90,3 +90,26 @@ def test_draft_length_choices_are_logged_and_exported():
     assert "draft length per step by batch size (gamma: auto, acceptance 0.80): B~1: 3, B~32: 0" in handler.lines[0]
     assert _value("vllm_cos_draft_length", batch_bucket="1") == 3
     assert _value("vllm_cos_draft_length", batch_bucket="32") == 0
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_drafts_that_do_not_pay_are_warned_about_once(adaptive):
+    metrics = CoSMetrics("large", "small", interval_s=0.0)
+    metrics.adaptive = adaptive
+    logger = logging.getLogger("vllm.cos")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        metrics.warn_if_drafts_do_not_pay({"drafts_proposed": 100, "drafts_accepted": 5})  # too few to judge
+        metrics.warn_if_drafts_do_not_pay({"drafts_proposed": 1000, "drafts_accepted": 600})  # pays
+        assert not [ln for ln in handler.lines if "accepted" in ln]
+        metrics.warn_if_drafts_do_not_pay({"drafts_proposed": 1000, "drafts_accepted": 64})
+        metrics.warn_if_drafts_do_not_pay({"drafts_proposed": 2000, "drafts_accepted": 100})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    warned = [ln for ln in handler.lines if "drafts of small are accepted 6% of the time" in ln]
+    assert len(warned) == 1
+    assert ("gamma: auto is lowering" in warned[0]) == adaptive
+    assert ("set gamma: auto" in warned[0]) == (not adaptive)

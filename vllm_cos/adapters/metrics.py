@@ -36,6 +36,9 @@ from vllm_cos.adapters.core import COUNTERS
 
 logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
+SLOW_ACCEPTANCE = 1 / 3  # draft acceptance below which drafting is unlikely to pay (see warn_...)
+SLOW_DRAFTS_MIN = 256  # drafts verified before judging
+
 _METRICS = None
 
 
@@ -83,6 +86,8 @@ class CoSMetrics:
         self.interval_s = interval_s
         self._last_log = time.monotonic()
         self._logged_tokens = 0
+        self.adaptive = False  # gamma: auto adapts the draft length itself
+        self._warned_slow = False
         try:
             self._m = _metrics()
         except Exception as exc:  # noqa: BLE001 - metrics must never stop decoding
@@ -111,6 +116,26 @@ class CoSMetrics:
             self._last_log = t
             self._logged_tokens = now["tokens_emitted"]
             logger.info(self.line(stats))
+            self.warn_if_drafts_do_not_pay(summary)
+
+    def warn_if_drafts_do_not_pay(self, summary: dict) -> None:
+        """Once: the group's drafts are accepted so rarely that drafting costs more than it saves.
+
+        Heuristic break-even: at acceptance a a step of k drafts yields (1 - a^(k+1)) / (1 - a)
+        tokens, under 1.5 for a < 1/3 whatever k, while each draft costs a drafter pass.
+        """
+        proposed = summary["drafts_proposed"]
+        if self._warned_slow or proposed < SLOW_DRAFTS_MIN:
+            return
+        rate = summary["drafts_accepted"] / proposed
+        if rate >= SLOW_ACCEPTANCE:
+            return
+        self._warned_slow = True
+        remedy = ("gamma: auto is lowering the drafts per step (down to 0: verification only)" if self.adaptive
+                  else "set gamma: auto (it drafts less, down to 0, when drafts do not pay), or let a model "
+                       "closer to r draft (under contrastive decoding r favours the expert, not the amateur)")
+        logger.warning("cos: drafts of %s are accepted %.0f%% of the time (%d drafts): likely slower than "
+                       "standard collaborative decoding; %s", self.other, 100 * rate, proposed, remedy)
 
     def draft_lengths(self, chosen: dict[int, int], acceptance: float) -> None:
         """gamma: auto changed its choice: one log line and the per-bucket gauge."""
@@ -121,6 +146,9 @@ class CoSMetrics:
                 self._m["draft_length"].labels(batch_bucket=str(bucket)).set(k)
 
     def line(self, stats) -> str:
+        """What CoS counts: every proposal verified against r, the served model's own included,
+        and tokens per verification round (vLLM's "SpecDecoding metrics" line counts only the
+        draft group's drafts, and its acceptance length is 1 + accepted drafts per step)."""
         s = stats.as_dict()
         return (f"CoS metrics: acceptance rate {s['acceptance_rate']:.3f} (drafts of {self.other} "
                 f"{s['drafts_accepted']}/{s['drafts_proposed']}, proposals of {self.target} "

@@ -64,6 +64,7 @@ def install_samplers(core: CoSCore, runner, max_requests: int, device) -> None:
 
     core.stash = DraftStash(max_requests, len(core.plan), len(core.group), core.tokenizer_size, device)
     core.metrics = CoSMetrics(core.cfg.target, core.group_label)
+    core.metrics.adaptive = core.draft_length is not None
     core.logprobs_mode = getattr(runner.sampler, "logprobs_mode", "raw_logprobs")
     runner.rejection_sampler = CoSRejectionSampler(runner.rejection_sampler, core, runner)
     runner.sampler = CoSPlainSampler(runner.sampler, core, runner)
@@ -75,6 +76,10 @@ def install_samplers(core: CoSCore, runner, max_requests: int, device) -> None:
                 "step: %s (draft group %s); draft stash %.1f MiB (%d B per request)", core.schedule,
                 core.cfg.target, ", ".join(names) or "none", core.group_label, core.stash.nbytes / 2**20,
                 core.stash.bytes_per_request())
+    logger.info("cos: the 'CoS metrics' line counts every proposal verified against r (the group's drafts "
+                "and %s's own proposals) and tokens per verification round; vLLM's 'SpecDecoding metrics' "
+                "line counts only the draft group's drafts (its acceptance length = 1 + accepted drafts "
+                "per step)", core.cfg.target)
 
 
 class CoSProposerMixin:
