@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CoS benchmark suite; see ``vllm_cos/bench.py`` (``python scripts/bench.py --quick --models DIR``)."""
+"""CoS benchmark suite; see ``vllm_cos/bench/`` (``python scripts/bench.py --quick --models DIR``)."""
 
 import sys
 from pathlib import Path

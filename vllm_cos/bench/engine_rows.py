@@ -1,0 +1,157 @@
+"""Engine measurements: start a vLLM engine for a job, time generations, read the spec-decode and
+CoS counters into :class:`~vllm_cos.bench.rows.Row`."""
+
+from __future__ import annotations
+
+import time
+
+from vllm_cos.bench.environment import load_average
+from vllm_cos.bench.jobs import EngineJob, job_measurements
+from vllm_cos.bench.rows import Row, _set_timing
+from vllm_cos.bench.settings import Settings
+from vllm_cos.bench.theory import acceptance_from_counters
+from vllm_cos.offline import shutdown_llm
+
+# An explicit KV cache size: the CPU worker's automatic size is "0.2 x RAM - this process's RSS",
+# which goes negative once a few engines have run in one process (RSS is not given back).
+KV_CACHE_BYTES = 256 << 20
+ENGINE_KWARGS = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2,
+                     kv_cache_memory_bytes=KV_CACHE_BYTES, enable_prefix_caching=False,
+                     disable_log_stats=False)
+
+
+def start_engine(job: EngineJob, models: dict, settings: Settings):
+    from vllm import LLM
+
+    served = models["small"] if job.served == "small" else models["target"]
+    kwargs = dict(ENGINE_KWARGS, max_model_len=512, max_num_seqs=max(settings.batch_sizes), seed=settings.seed)
+    if job.spec is not None:
+        kwargs["speculative_config"] = job.spec
+    return LLM(model=served, **kwargs)
+
+
+def spec_counters(llm) -> dict:
+    out = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "per_pos": []}
+    try:
+        metrics = llm.get_metrics()
+    except Exception:
+        return out
+    for m in metrics:
+        if m.name == "vllm:spec_decode_num_drafts":
+            out["num_drafts"] += int(m.value)
+        elif m.name == "vllm:spec_decode_num_draft_tokens":
+            out["num_draft_tokens"] += int(m.value)
+        elif m.name == "vllm:spec_decode_num_accepted_tokens":
+            out["num_accepted_tokens"] += int(m.value)
+        elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            out["per_pos"] = [int(v) for v in m.values]
+    return out
+
+
+def cos_counters(llm) -> dict | None:
+    try:
+        from vllm_cos.offline import cos_stats
+
+        stats = [s for s in cos_stats(llm) if s]
+    except Exception:
+        return None
+    if not stats:
+        return None
+    keys = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "served_proposed",
+            "served_accepted", "tokens_emitted", "row_steps")
+    return {k: sum(int(s.get(k, 0)) for s in stats) for k in keys}
+
+
+def _diff(after: dict | None, before: dict | None) -> dict | None:
+    if after is None:
+        return None
+    before = before or {}
+    out = {}
+    for k, v in after.items():
+        if isinstance(v, list):
+            b = before.get(k) or [0] * len(v)
+            out[k] = [x - y for x, y in zip(v, b + [0] * (len(v) - len(b)))]
+        else:
+            out[k] = v - before.get(k, 0)
+    return out
+
+
+def generate_timed(llm, prompts: list[list[int]], batch: int, temperature: float, max_tokens: int,
+                   seed: int) -> tuple[int, float]:
+    """Generated tokens and wall seconds: batch 1 = one request at a time over the prompts;
+    batch B = B concurrent requests (prompts cycled) in one ``LLM.generate`` call."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    def params(i):
+        return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
+                              seed=seed + i, top_k=0 if temperature > 0 else -1)
+
+    tokens, start, cpu = 0, time.perf_counter(), time.process_time()
+    if batch == 1:
+        for i, p in enumerate(prompts):
+            out = llm.generate([TokensPrompt(prompt_token_ids=p)], params(i), use_tqdm=False)
+            tokens += len(out[0].outputs[0].token_ids)
+    else:
+        reqs = [TokensPrompt(prompt_token_ids=prompts[i % len(prompts)]) for i in range(batch)]
+        outs = llm.generate(reqs, [params(i) for i in range(batch)], use_tqdm=False)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return tokens, time.perf_counter() - start, time.process_time() - cpu
+
+
+def measure_on_engine(llm, job: EngineJob, temperature: float, batch: int, prompt_set: str,
+                      prompts: list[list[int]], settings: Settings) -> Row:
+    row = Row(method=job.method, rule=job.rule, param=job.param, temperature=temperature, batch=batch,
+              prompts=prompt_set, gamma=job.gamma, proposer=None if job.method in ("single", "standard")
+              else job.proposer, extra={"main_gamma": settings.gamma, "engine": job.label})
+    spec0, cos0 = spec_counters(llm), cos_counters(llm)
+    runs = [generate_timed(llm, prompts, batch, temperature, settings.max_tokens, settings.seed)
+            for _ in range(settings.repeats)]
+    spec = _diff(spec_counters(llm), spec0)
+    cos = _diff(cos_counters(llm), cos0)
+    _set_timing(row, runs)
+    row.load_avg = load_average()
+    if job.method == "single" or job.method == "single_proposer" or job.method == "standard":
+        row.mean_tokens_per_step = 1.0
+    if spec and spec.get("num_drafts"):
+        acc = acceptance_from_counters(spec["num_drafts"], spec["per_pos"])
+        row.alpha, row.alpha_raw, row.per_position = acc["alpha_hat"], acc["alpha_raw"], acc["per_position"]
+        row.mean_tokens_per_step = 1.0 + spec["num_accepted_tokens"] / spec["num_drafts"]
+        row.extra["spec_counters"] = spec
+    if cos:
+        row.extra["cos_counters"] = cos
+        # tokens per request per engine step (row_steps: rows verified; older counters: steps)
+        steps = cos.get("row_steps") or (cos.get("steps", 0) * (1 if batch == 1 else 0))
+        if steps:
+            row.mean_tokens_per_step = cos["tokens_emitted"] / steps
+        if cos.get("served_proposed"):
+            row.beta = cos["served_accepted"] / cos["served_proposed"]
+    return row
+
+
+def run_engine_job(job: EngineJob, models: dict, settings: Settings, prompt_ids: dict, progress) -> list[Row]:
+    rows = []
+    measurements = job_measurements(job, settings)
+    progress.set_description(f"start {job.label}")
+    try:
+        llm = start_engine(job, models, settings)
+    except Exception as exc:  # the engine refused the configuration
+        message = " ".join(str(exc).split())[:300] or type(exc).__name__
+        unsupported = "supports" in message or "unsupported" in message.lower() or "CoSStartupError" in repr(exc)
+        status = ("unsupported: " if unsupported else "error: ") + message
+        for t, b, s in measurements:
+            rows.append(Row(method=job.method, rule=job.rule, param=job.param, temperature=t, batch=b,
+                            prompts=s, gamma=job.gamma, status=status, load_avg=load_average(),
+                            extra={"engine": job.label, "main_gamma": settings.gamma}))
+            progress.update(1)
+        return rows
+    try:
+        # warm-up (first-call allocations), not timed
+        generate_timed(llm, prompt_ids[settings.prompt_sets[0]][:1], 1, 1.0, 4, settings.seed)
+        for t, b, s in measurements:
+            progress.set_description(f"{job.label} T={t:g} B={b} {s}")
+            rows.append(measure_on_engine(llm, job, t, b, s, prompt_ids[s], settings))
+            progress.update(1)
+    finally:
+        shutdown_llm(llm)
+    return rows

@@ -1,0 +1,184 @@
+"""The plan: which engines to start (:class:`EngineJob`) and what to measure on each; the models and
+the CoS speculative configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_cos.bench.settings import DEFAULT_TEMPERATURES, Settings
+
+
+@dataclass
+class EngineJob:
+    """One engine start and the measurements made on it."""
+
+    label: str
+    method: str
+    rule: str  # none | we | cd
+    param: str
+    gamma: int | None
+    temperatures: list[float]
+    spec: dict | None = None  # speculative_config (CoS dict or stock draft_model dict)
+    served: str = "target"  # target | small
+    batch_sizes: list[int] | None = None  # None: all
+    prompt_sets: list[str] | None = None  # None: all
+    proposer: str = "small"  # who drafts (naive) / drafts after the served model's bonus (alternate)
+
+
+def _models(settings: Settings) -> dict[str, str]:
+    base = Path(settings.models_dir) if settings.models_dir else None
+    if base is None:
+        from vllm_cos.tiny_models import build_tiny_models
+
+        paths = build_tiny_models(_repo_root() / "models" / "tiny")
+        base = Path(next(iter(paths.values()))).parent
+    found = {p.name: str(p.resolve()) for p in sorted(base.iterdir()) if (p / "config.json").is_file()}
+    for name in (settings.target, settings.small):
+        if name not in found:
+            raise SystemExit(f"bench: no model {name!r} in {base} (found: {', '.join(found) or 'none'})")
+    models = {"target": found[settings.target], "small": found[settings.small]}
+    third = settings.third or next((n for n in found if n not in (settings.target, settings.small)), None)
+    if third is not None:
+        if third not in found:
+            raise SystemExit(f"bench: no model {third!r} in {base}")
+        models["third"] = found[third]
+    models["_names"] = {"target": settings.target, "small": settings.small, "third": third}
+    return models
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def cos_spec(models: dict, rule: dict, schedule: str, gamma: int, three: bool = False) -> dict:
+    names = models["_names"]
+    entries = [{"name": names["target"], "path": models["target"], "gamma": 1},
+               {"name": names["small"], "path": models["small"], "gamma": gamma}]
+    if three:
+        entries.append({"name": names["third"], "path": models["third"], "gamma": gamma})
+    spec = {"models": entries, "rule": rule, "schedule": schedule}
+    if schedule != "standard":
+        spec["proposer"] = names["small"]
+    return spec
+
+
+def swapped_spec(models: dict, rule: dict, schedule: str, gamma: int) -> dict:
+    """The small model served (verifier, bonus under alternate), the target model drafting."""
+    names = models["_names"]
+    return {"models": [{"name": names["small"], "path": models["small"], "gamma": 1},
+                       {"name": names["target"], "path": models["target"], "gamma": gamma}],
+            "rule": rule, "schedule": schedule, "proposer": names["target"]}
+
+
+def we_rule(models: dict, lam: float) -> dict:
+    names = models["_names"]
+    return {"name": "weighted_ensemble", "weights": {names["target"]: lam, names["small"]: 1.0 - lam}}
+
+
+def cd_rule(models: dict, mu: float) -> dict:
+    names = models["_names"]
+    return {"name": "contrastive", "expert": names["target"], "amateur": names["small"], "mu": mu}
+
+
+def plan(settings: Settings, models: dict) -> list[EngineJob]:
+    temps = settings.temperatures or DEFAULT_TEMPERATURES
+    rule_t = settings.rule_temperatures or {}
+    configs = [("we", f"lambda={lam:g}", we_rule(models, lam)) for lam in settings.lambdas]
+    configs += [("cd", f"mu={mu:g}", cd_rule(models, mu)) for mu in settings.mus]
+    jobs = _baseline_jobs(settings, models, temps)
+    jobs += _rule_jobs(settings, models, configs, temps, rule_t)
+    if settings.swap_proposer:
+        jobs += _swapped_jobs(settings, models, configs, temps, rule_t)
+    jobs += _gamma_grid_jobs(settings, models, temps, rule_t)
+    if settings.three_models and "third" in models:
+        jobs += _three_model_jobs(settings, models, temps, rule_t)
+    return jobs
+
+
+def _baseline_jobs(settings: Settings, models: dict, temps: list[float]) -> list[EngineJob]:
+    """Each model served alone (t_p, t_q) and plain speculative decoding."""
+    jobs: list[EngineJob] = []
+    if settings.single:
+        jobs.append(EngineJob("single (served model)", "single", "none", "", None, temps))
+        jobs.append(EngineJob("single (proposer alone)", "single_proposer", "none", "", None, temps,
+                              served="small"))
+    if settings.sd:
+        jobs.append(EngineJob(f"sd draft_model γ={settings.gamma}", "sd", "none", "", settings.gamma, temps,
+                              spec={"method": "draft_model", "model": models["small"],
+                                    "num_speculative_tokens": settings.gamma}))
+    return jobs
+
+
+def _rule_jobs(settings: Settings, models: dict, configs: list, temps: list[float], rule_t: dict) -> list[EngineJob]:
+    """Every schedule on every rule configuration, all batch sizes and prompt sets."""
+    jobs: list[EngineJob] = []
+    for rule, param, rule_dict in configs:
+        t = rule_t.get(rule, temps)
+        for schedule in settings.schedules:
+            gamma = None if schedule == "standard" else settings.gamma
+            jobs.append(EngineJob(f"{schedule} {rule} {param}", schedule, rule, param, gamma, t,
+                                  spec=cos_spec(models, rule_dict, schedule, settings.gamma)))
+    return jobs
+
+
+def _swapped_jobs(settings: Settings, models: dict, configs: list, temps: list[float],
+                  rule_t: dict) -> list[EngineJob]:
+    """WE naive / alternate with the roles swapped (the small model served, the target drafting)."""
+    jobs: list[EngineJob] = []
+    proposer = models["_names"]["target"]
+    for rule, param, rule_dict in configs:
+        for schedule in [s for s in ("naive", "alternate") if s in settings.schedules and rule == "we"]:
+            jobs.append(EngineJob(f"{schedule} {rule} {param} proposer {proposer}", schedule, rule, param,
+                                  settings.gamma, rule_t.get(rule, temps)[:1],
+                                  spec=swapped_spec(models, rule_dict, schedule, settings.gamma),
+                                  served="small", batch_sizes=[1], prompt_sets=settings.prompt_sets[:1],
+                                  proposer=proposer))
+    return jobs
+
+
+def _gamma_grid_jobs(settings: Settings, models: dict, temps: list[float], rule_t: dict) -> list[EngineJob]:
+    """The gamma grid (batch 1, first prompt set): WE lambda=0.5 and CD with the first mu."""
+    jobs: list[EngineJob] = []
+    if not settings.gammas:
+        return jobs
+    grid_configs = [("we", "lambda=0.5", we_rule(models, 0.5), 0.5 in settings.lambdas)]
+    if settings.mus:
+        mu = settings.mus[0]
+        grid_configs.append(("cd", f"mu={mu:g}", cd_rule(models, mu), True))
+    for rule, param, rule_dict, has_standard in grid_configs:
+        t = rule_t.get(rule, temps)[:1]
+        for g in settings.gammas:
+            if g == settings.gamma and has_standard:
+                continue
+            for schedule in [s for s in settings.gamma_schedules if s in settings.schedules]:
+                jobs.append(EngineJob(f"{schedule} {rule} {param} γ={g}", schedule, rule, param, g, t,
+                                      spec=cos_spec(models, rule_dict, schedule, g),
+                                      batch_sizes=[1], prompt_sets=settings.prompt_sets[:1]))
+        if not has_standard and "standard" in settings.schedules:
+            jobs.append(EngineJob(f"standard {rule} {param}", "standard", rule, param, None, t,
+                                  spec=cos_spec(models, rule_dict, "standard", 1),
+                                  batch_sizes=[1], prompt_sets=settings.prompt_sets[:1]))
+    return jobs
+
+
+def _three_model_jobs(settings: Settings, models: dict, temps: list[float], rule_t: dict) -> list[EngineJob]:
+    """WE with three equally weighted models (batch 1, first prompt set)."""
+    jobs: list[EngineJob] = []
+    names = models["_names"]
+    w = {names["target"]: 1 / 3, names["small"]: 1 / 3, names["third"]: 1 / 3}
+    # gamma 1: the paper's 3-model setting (every model proposes one token per turn)
+    for schedule, gamma in dict.fromkeys([("standard", None), ("alternate", 1), ("alternate", settings.gamma)]):
+        if schedule in settings.schedules:
+            jobs.append(EngineJob(f"{schedule} we 3 models" + (f" γ={gamma}" if gamma else ""), schedule,
+                                  "we", "3 models equal", gamma, rule_t.get("we", temps)[:1],
+                                  spec=cos_spec(models, {"name": "weighted_ensemble", "weights": w},
+                                                schedule, gamma or 1, three=True),
+                                  batch_sizes=[1], prompt_sets=settings.prompt_sets[:1]))
+    return jobs
+
+
+def job_measurements(job: EngineJob, settings: Settings) -> list[tuple[float, int, str]]:
+    batches = job.batch_sizes or settings.batch_sizes
+    sets = job.prompt_sets or settings.prompt_sets
+    return [(t, b, s) for t in job.temperatures for b in batches for s in sets]
