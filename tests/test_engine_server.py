@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from engine_helpers import free_port, stop_server, wait_for_server
 
 pytestmark = pytest.mark.engine
 
@@ -35,12 +35,6 @@ def models(tiny_models) -> dict[str, Path]:
     return tiny_models
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_and_log(models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
@@ -51,7 +45,7 @@ def server_and_log(models, tmp_path_factory):
         "rule: {name: weighted_ensemble, weights: {large: 0.5, small: 0.5}}\nschedule: alternate\n")
     template = tmp / "chat.jinja"
     template.write_text(CHAT_TEMPLATE)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, VLLM_TARGET_DEVICE="cpu")
     log = open(tmp / "server.log", "w")
     env["VLLM_LOG_STATS_INTERVAL"] = "2"
@@ -61,25 +55,9 @@ def server_and_log(models, tmp_path_factory):
          "--max-model-len", "256", "--gpu-memory-utilization", "0.2", "--chat-template", str(template),
          "--served-model-name", "cos"], stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 420
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("server exited:\n" + (tmp / "server.log").read_text()[-3000:])
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(2)
-    else:
-        proc.terminate()
-        raise RuntimeError("server did not start:\n" + (tmp / "server.log").read_text()[-3000:])
+    wait_for_server(proc, base, tmp / "server.log")
     yield base, tmp / "server.log"
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
