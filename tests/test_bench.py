@@ -57,6 +57,44 @@ def test_theorem_3_6_known_values():
     assert bench.theorem_3_6(1.0, 4, 0.2) == pytest.approx(5 * 1.2 / 1.8)
 
 
+def test_paper_theorem_3_1_hand_computed():
+    # alpha 0.5, gamma 2, c 0.25: (1 - 0.25)(1.25) / (0.5 (1 + 0.5)) = 0.9375 / 0.75
+    assert bench.paper_theorem_3_1(0.5, 2, 0.25) == pytest.approx(1.25)
+    # alpha 0.8, gamma 3, c 0.25: (1 - 0.512)/0.2 = 2.44 tokens; 2.44 * 1.25 / 1.75
+    assert bench.paper_theorem_3_1(0.8, 3, 0.25) == pytest.approx(2.44 * 1.25 / 1.75)
+    # gamma 1: one token per cycle at cost 1 + c, exactly standard's speed
+    for a, c in ((0.0, 0.3), (0.6, 0.1), (0.99, 1.0)):
+        assert bench.paper_theorem_3_1(a, 1, c) == pytest.approx(1.0)
+    # alpha 1: gamma (1 + c) / (1 + gamma c)
+    assert bench.paper_theorem_3_1(1.0, 3, 0.5) == pytest.approx(3 * 1.5 / 2.5)
+    # ours counts one token more per fully accepted round at one M_q call more: higher at high alpha,
+    # lower at small alpha and large c (alpha 0.1, gamma 1, c 1: 1.1 * 2 / 3 against 1)
+    assert bench.theorem_3_1(0.8, 3, 0.25) > bench.paper_theorem_3_1(0.8, 3, 0.25)
+    assert bench.theorem_3_1(0.1, 1, 1.0) == pytest.approx(2.2 / 3)
+    assert bench.theorem_3_1(0.1, 1, 1.0) < bench.paper_theorem_3_1(0.1, 1, 1.0)
+    with pytest.raises(ValueError):
+        bench.paper_theorem_3_1(0.5, 0, 0.25)
+
+
+def test_paper_theorem_3_6_hand_computed():
+    # alpha 0.5, gamma_q 2, gamma_p 1, c 0.25: 0.75 * 1.25 / (0.5 (1 + 0.5 - 0.125)) = 0.9375 / 0.6875
+    assert bench.paper_theorem_3_6(0.5, 2, 0.25) == pytest.approx(15 / 11)
+    assert bench.paper_theorem_3_6(0.5, 2, 0.25, gamma_p=1) == pytest.approx(15 / 11)
+    # alpha 0.8, gamma_q 3, gamma_p 1, c 0.25: 2.44 * 1.25 / (1 + 0.75 - 0.2)
+    assert bench.paper_theorem_3_6(0.8, 3, 0.25) == pytest.approx(2.44 * 1.25 / 1.55)
+    # gamma_p 2: alpha^2 = 0.64 of the cycles save an M_q call: 2.44 * 1.25 / (1 + 0.75 - 0.16)
+    assert bench.paper_theorem_3_6(0.8, 3, 0.25, gamma_p=2) == pytest.approx(2.44 * 1.25 / 1.59)
+    # Corollary 3.7: gamma_q = gamma_p = 1 gives (1 + c) / (1 + c (1 - alpha)) >= 1
+    for a in (0.0, 0.3, 0.9):
+        for c in (0.05, 0.5):
+            assert bench.paper_theorem_3_6(a, 1, c) == pytest.approx((1 + c) / (1 + c * (1 - a)))
+            assert bench.paper_theorem_3_6(a, 1, c) >= 1.0 - 1e-12
+    # alpha 1: gamma_q (1 + c) / (1 + gamma_q c - c)
+    assert bench.paper_theorem_3_6(1.0, 3, 0.5) == pytest.approx(2.25)
+    with pytest.raises(ValueError):
+        bench.paper_theorem_3_6(0.5, 2, 0.25, gamma_p=0)
+
+
 def test_acceptance_from_counters():
     # 10 rounds of gamma 3; position counts non-increasing
     acc = bench.acceptance_from_counters(10, [8, 6, 3])
@@ -84,6 +122,8 @@ def _rows():
             tokens_per_s=120.0, alpha=0.7, **common),
         Row(method="ref_standard", rule="we", param="lambda=0.5", tokens_per_s=20.0, **common),
         Row(method="alternate", rule="we", param="3 models equal", status="unsupported: 2 models only", **common),
+        Row(method="alternate", rule="we", param="lambda=0.5", gamma="auto", proposer="small",
+            tokens_per_s=180.0, tokens_per_cpu_s=150.0, alpha=0.7, extra={"mean_drafts_per_step": 2.5}, **common),
     ]
 
 
@@ -97,8 +137,13 @@ def test_derive_speedups_and_predictions():
     assert alt.predicted == pytest.approx(bench.theorem_3_6(0.7, 3, 0.25, 0.8))
     assert alt.measured_over_predicted == pytest.approx(2.0 / alt.predicted)
     assert naive.predicted == pytest.approx(bench.theorem_3_1(0.7, 3, 0.25))
+    assert alt.predicted_paper == pytest.approx(bench.paper_theorem_3_6(0.7, 3, 0.25, 1))
+    assert naive.predicted_paper == pytest.approx(bench.paper_theorem_3_1(0.7, 3, 0.25))
     assert rows[2].speedup_vs_standard == 1.0
     assert rows[6].speedup_vs_standard is None and rows[6].predicted is None
+    auto = rows[7]
+    assert auto.speedup_vs_standard == pytest.approx(150.0 / 80.0) and auto.c == pytest.approx(0.25)  # cpu clock
+    assert auto.predicted is None and auto.predicted_paper is None and auto.measured_over_predicted is None
 
 
 def test_targets_summary():
@@ -123,7 +168,36 @@ def test_markdown_table_and_json(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert len(data["rows"]) == len(rows) and data["meta"]["preset"] == "test"
     assert data["rows"][3]["speedup_vs_standard"] == pytest.approx(2.0)
+    assert data["rows"][7]["gamma"] == "auto" and data["rows"][3]["gamma"] == 3
+    assert data["rows"][3]["predicted_paper"] == pytest.approx(rows[3].predicted_paper)
+    assert data["rows"][7]["tokens_per_s"] == 180.0 and data["rows"][7]["tokens_per_cpu_s"] == 150.0
     assert "| method |" in paths["md"].read_text()
+
+
+def test_table_columns_and_legend(tmp_path):
+    rows = _rows()
+    bench.derive(rows)
+    headers = [h for h, _ in bench.TABLE_COLUMNS]
+    # wall-clock tok/s right next to CPU-clock tok/s; both predictions side by side
+    assert headers.index("tok/s (cpu)") == headers.index("tok/s (wall)") + 1
+    assert headers.index("pred (paper)") == headers.index("pred (ours)") + 1
+    assert dict(bench.TABLE_COLUMNS)["pred (paper)"] == "predicted_paper"
+    lines = bench.markdown_table(rows).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    col = {h: i for i, h in enumerate(cells[0])}
+    alt, auto = cells[2 + 3], cells[2 + 7]
+    assert alt[col["γ"]] == "3" and auto[col["γ"]] == "auto (2.50)"
+    assert alt[col["pred (ours)"]] == f"{rows[3].predicted:.2f}"
+    assert alt[col["pred (paper)"]] == f"{rows[3].predicted_paper:.2f}"
+    assert auto[col["pred (ours)"]] == "-" and auto[col["pred (paper)"]] == "-"
+    assert (auto[col["tok/s (wall)"]], auto[col["tok/s (cpu)"]]) == ("180.00", "150.00")
+    notes = bench.column_notes("wall")
+    assert "(1 - α^γ)/(1 - α)" in notes["pred (paper)"] and "(1 - α^(γ+1))/(1 - α)" in notes["pred (ours)"]
+    assert "wall clock" in notes["×std"] and "drafts_proposed / row_steps" in notes["γ"]
+    md = bench.write_outputs(tmp_path, rows, {"preset": "test", "clock": "wall"})["md"].read_text()
+    assert "## Columns" in md and notes["pred (paper)"] in md and notes["×std"] in md
+    # the gamma plot takes fixed gammas only (an "auto" among integers would not sort)
+    assert isinstance(bench.write_plots(tmp_path, rows), (list, str))
     plots = bench.write_plots(tmp_path, rows)
     assert isinstance(plots, (list, str))  # a message when matplotlib is missing
 
@@ -138,7 +212,13 @@ def test_fmt_handles_missing():
 
 def test_parse_args_presets_and_overrides():
     s, _ = bench.parse_args(["--quick"])
-    assert s.preset == "quick" and s.batch_sizes == [1, 8] and s.rule_temperatures == {"we": [1.0], "cd": [0.0]}
+    assert s.preset == "quick" and s.batch_sizes == [1, 8, 32] and s.rule_temperatures == {"we": [1.0], "cd": [0.0]}
+    assert s.auto_gamma and s.sd_batches == [1, 8] and bench.parse_args(["--no-auto"])[0].auto_gamma is False
+    s, _ = bench.parse_args(["--preset", "paper", "--models", "models/wide"])
+    assert (s.preset, s.models_dir, s.batch_sizes, s.lambdas, s.mus) == ("paper", "models/wide", [1, 8], [0.5], [0.1])
+    assert s.rule_temperatures == {"we": [1.0], "cd": [0.0]} and s.three_models and s.auto_gamma
+    assert s.gammas == [] and not s.peers and not s.swap_proposer
+    assert s.max_tokens < bench.PRESETS["quick"]["max_tokens"] and s.prompt_sets == ["code"]
     s, _ = bench.parse_args(["--full", "--models", "/m", "--target", "big", "--small", "tiny",
                              "--batch-sizes", "1,4", "--gammas", "1,2", "--lambdas", "0.25,0.75",
                              "--temperatures", "0", "--max-tokens", "8"])
@@ -153,10 +233,7 @@ def test_parse_args_presets_and_overrides():
 
 
 def test_plan_covers_the_issue(tmp_path):
-    for name in ("large", "small", "expert-a"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
-    s, _ = bench.parse_args(["--full", "--models", str(tmp_path)])
+    s, _ = bench.parse_args(["--full", "--models", _fake_models(tmp_path)])
     models = bench._models(s)
     jobs = bench.plan(s, models)
     methods = {(j.method, j.rule, j.param) for j in jobs}
@@ -168,7 +245,7 @@ def test_plan_covers_the_issue(tmp_path):
     assert ("alternate", "we", "3 models equal") in methods
     three = next(j for j in jobs if j.param == "3 models equal" and j.method == "alternate")
     assert len(three.spec["models"]) == 3
-    assert {j.gamma for j in jobs if j.method == "alternate" and j.param == "lambda=0.5"} == set(range(1, 7))
+    assert {j.gamma for j in jobs if j.method == "alternate" and j.param == "lambda=0.5"} == {*range(1, 7), "auto"}
     swapped = [j for j in jobs if j.proposer == "large"]
     assert {(j.method, j.param) for j in swapped} == {(m, f"lambda={lam:g}") for m in ("naive", "alternate")
                                                      for lam in s.lambdas}
@@ -178,6 +255,50 @@ def test_plan_covers_the_issue(tmp_path):
     assert sd.spec["method"] == "draft_model"
     with pytest.raises(SystemExit):
         bench._models(bench.parse_args(["--models", str(tmp_path), "--small", "nope"])[0])
+
+
+def _fake_models(tmp_path):
+    for name in ("large", "small", "expert-a"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["quick", "paper", "full"])
+def test_auto_jobs_next_to_the_fixed_ones(tmp_path, preset):
+    from vllm_cos.config import load_config
+
+    s, _ = bench.parse_args(["--preset", preset, "--models", _fake_models(tmp_path)])
+    jobs = bench.plan(s, bench._models(s))
+    auto = [j for j in jobs if j.gamma == "auto"]
+    main = {("we", "lambda=0.5"), ("cd", "mu=0.1"), ("we", "3 models equal")}
+    assert {(j.method, j.rule, j.param) for j in auto} == {(m, r, p) for m in ("naive", "alternate")
+                                                          for r, p in main}
+    for j in auto:
+        fixed = jobs[jobs.index(j) - 1]  # the fixed-gamma job of the same configuration, right before
+        assert (fixed.method, fixed.rule, fixed.param, fixed.gamma) == (j.method, j.rule, j.param, s.gamma)
+        assert j.batch_sizes is None and j.temperatures == fixed.temperatures  # every batch size
+        assert j.spec["gamma"] == "auto" and all("gamma" not in m for m in j.spec["models"])
+        cfg = load_config(j.spec)
+        assert cfg.draft_length == "auto" and cfg.schedule == j.method
+        assert [m.gamma for m in cfg.models] == [1] + [4] * (len(cfg.models) - 1)
+        assert len(cfg.models) == (3 if j.param == "3 models equal" else 2)
+        assert any(f.method == "standard" and (f.rule, f.param) == (j.rule, j.param) for f in jobs)
+    assert all(isinstance(j.gamma, int) or j.gamma is None for j in jobs if j not in auto)
+    assert not [j for j in bench.plan(bench.parse_args(["--preset", preset, "--no-auto", "--models", str(tmp_path)])[0],
+                                      bench._models(s)) if j.gamma == "auto"]
+
+
+def test_quick_batch_32_only_on_the_main_rows(tmp_path):
+    s, _ = bench.parse_args(["--quick", "--models", _fake_models(tmp_path)])
+    jobs = bench.plan(s, bench._models(s))
+    at_32 = {j.label for j in jobs if any(b == 32 for _, b, _ in bench.job_measurements(j, s))}
+    assert at_32 and all(j.method in ("single", "single_proposer") or (j.rule, j.param) in bench.MAIN_CONFIGS
+                         for j in jobs if j.label in at_32)
+    assert all(j.label not in at_32 for j in jobs if j.method == "sd" or j.proposer == "large" or
+               (isinstance(j.gamma, int) and j.gamma != s.gamma and j.param != "3 models equal"))
+    assert {j.param for j in jobs if j.label in at_32 and j.gamma == "auto"} == {"lambda=0.5", "mu=0.1",
+                                                                                  "3 models equal"}
 
 
 def test_performance_env():
@@ -207,11 +328,15 @@ def test_smoke_preset_runs(tmp_path):
                           cwd=Path(__file__).resolve().parents[1], env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((out / "bench.json").read_text())
-    rows = {r["method"]: r for r in data["rows"]}
-    assert rows["alternate"]["status"] == "ok" and rows["alternate"]["tokens_per_s"] > 0
-    assert rows["alternate"]["alpha"] is not None and 0 < rows["alternate"]["alpha"] <= 1
-    assert rows["alternate"]["speedup_vs_standard"] is not None
-    assert math.isfinite(rows["alternate"]["predicted"])
+    rows = {(r["method"], r["gamma"]): r for r in data["rows"]}
+    alt, auto = rows[("alternate", 2)], rows[("alternate", "auto")]
+    assert alt["status"] == "ok" and alt["tokens_per_s"] > 0 and alt["tokens_per_cpu_s"] > 0
+    assert alt["alpha"] is not None and 0 < alt["alpha"] <= 1
+    assert alt["speedup_vs_standard"] is not None
+    assert math.isfinite(alt["predicted"]) and math.isfinite(alt["predicted_paper"])
+    assert auto["status"] == "ok" and auto["tokens_per_s"] > 0 and auto["speedup_vs_standard"] is not None
+    assert auto["predicted"] is None and 0 <= auto["extra"]["mean_drafts_per_step"] <= 4
+    assert "pred (paper)" in data["meta"]["notes"] and "| pred (paper) |" in (out / "bench.md").read_text()
 
 
 def test_best_repetition_and_threads():

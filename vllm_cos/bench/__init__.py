@@ -13,7 +13,9 @@ One run measures, on the same vLLM engine settings and the same models:
 
 for weighted ensembles (lambda grid with 2 models; equal weights with 3 models) and
 contrastive decoding (mu in {0.1, 0.3}), temperatures 0 and 1, a gamma grid, batch sizes
-(concurrent requests through ``LLM.generate``) and prompt sets (code, prose).  Peers:
+(concurrent requests through ``LLM.generate``) and prompt sets (code, prose).  Next to each
+fixed-gamma ``naive`` / ``alternate`` row of the main configurations (WE lambda=0.5, CD mu=0.1,
+3-model WE) a ``gamma: auto`` row (adaptive draft length; ``gamma`` is "auto" in the JSON).  Peers:
 ``ref_standard`` (:class:`vllm_cos.reference.ReferenceDecoder`, a plain transformers loop doing
 standard collaborative decoding with KV caches) and ``hf_ensemble`` (transformers' assisted
 generation with ``assistant_ensemble_weight``, a static 2-model ensemble verification).
@@ -36,12 +38,19 @@ OpenMP (``libiomp5.so`` of the venv's intel-openmp), ``OMP_NUM_THREADS`` (``--th
 :func:`default_threads`), ``KMP_BLOCKTIME=1`` and ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
 (``--no-reexec`` skips this).  Engines: float32, eager, prefix caching off, 256 MiB KV cache.
 
-Durations on the 2-core dev box (1 thread): ``--preset smoke`` 40-60 s (4 engines);
-``--quick`` 5.8 min measured at load 1 (7.3 min at load 4-6; 18 engine starts, 57 engine
-measurements + 10 peer measurements, 3 repetitions each); ``--full`` 57 min measured at load 1 (57 engine
-starts, 321 engine + 76 peer measurements with longer generations).
+Presets: ``smoke`` (tests), ``quick`` (batch 1, 8, 32; 32 for the main rows only, not sd / peers /
+the gamma grid), ``paper`` (the paper's main rows, batch 1 and 8, short generations: meant for
+the forward-dominated widened models, ``--models models/wide`` from scripts/widen_models.py),
+``full``.  Durations on the 2-core dev box (1 thread): ``--preset smoke`` 40-60 s (5 engines);
+``--quick`` was 5.8 min measured at load 1 with batch 1 and 8 only (18 engine starts, 57 engine +
+10 peer measurements); with batch 32 and the auto rows it has 25 engine starts and 120 engine +
+10 peer measurements (3 repetitions each), ~15 min estimated (not yet timed); ``--preset paper``
+on models/wide: 19 engine starts, 44 measurements (2 repetitions), ~10-15 min estimated from a
+smoke run on the widened pair (161 s for 5 engines, 10 measurements at load 5-6); ``--full``
+57 min measured at load 1 before batch 32 for 3 models and the auto rows (57 engine starts, 321
+engine + 76 peer measurements with longer generations; now 64 starts, 384 + 76).
 
-Theory (what ``predicted`` means): :mod:`vllm_cos.bench.theory`.
+Theory (what ``pred (ours)`` and ``pred (paper)`` mean): :mod:`vllm_cos.bench.theory`.
 
 Layout: ``settings`` (presets, prompts, command line), ``environment`` (re-exec, threads, load),
 ``theory`` (formulas), ``rows`` (:class:`Row`, c, speedups, predictions), ``jobs`` (the plan),
@@ -54,7 +63,8 @@ from __future__ import annotations
 # every name of the former single module, for its callers (scripts/bench.py, scripts/bench_profile.py,
 # tests/test_bench.py)
 from vllm_cos.bench.theory import (  # noqa: F401
-    acceptance_from_counters, expected_tokens_per_round, theorem_3_1, theorem_3_6,
+    acceptance_from_counters, expected_tokens_per_round, paper_theorem_3_1, paper_theorem_3_6,
+    PREDICTION_NOTES, SERVED_GAMMA, theorem_3_1, theorem_3_6,
 )
 from vllm_cos.bench.settings import (  # noqa: F401
     build_parser, DEFAULT_TEMPERATURES, parse_args, PRESETS, PROMPTS, Settings, _float_list,
@@ -66,7 +76,8 @@ from vllm_cos.bench.environment import (  # noqa: F401
 )
 from vllm_cos.bench.rows import CLOCKS, cost_ratios, derive, rate, Row, _set_timing  # noqa: F401
 from vllm_cos.bench.jobs import (  # noqa: F401
-    cd_rule, cos_spec, EngineJob, job_measurements, plan, swapped_spec, we_rule, _models, _repo_root,
+    AUTO, cd_rule, cos_spec, EngineJob, job_measurements, MAIN_CONFIGS, plan, swapped_spec, we_rule, _models,
+    _repo_root,
 )
 from vllm_cos.bench.engine_rows import (  # noqa: F401
     cos_counters, ENGINE_KWARGS, generate_timed, KV_CACHE_BYTES, measure_on_engine, run_engine_job,
@@ -77,7 +88,7 @@ from vllm_cos.bench.peers import (  # noqa: F401
     run_reference_peer, _hf_ensemble_once, _reference_models,
 )
 from vllm_cos.bench.report import (  # noqa: F401
-    load_rows, markdown_table, replot, TABLE_COLUMNS, targets_summary, write_outputs, write_plots,
-    _fmt, _main_gamma, _mean_by_x, _plot_speedup_curves,
+    column_notes, COLUMN_NOTES, load_rows, markdown_table, replot, TABLE_COLUMNS, targets_summary,
+    write_outputs, write_plots, _fmt, _main_gamma, _mean_by_x, _plot_speedup_curves,
 )
 from vllm_cos.bench.suite import main, progress_bar, tokenize_prompts, _NoBar  # noqa: F401

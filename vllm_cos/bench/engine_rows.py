@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from vllm_cos.bench.environment import load_average
-from vllm_cos.bench.jobs import EngineJob, job_measurements
+from vllm_cos.bench.jobs import AUTO, EngineJob, job_measurements
 from vllm_cos.bench.rows import Row, _set_timing
 from vllm_cos.bench.settings import Settings
 from vllm_cos.bench.theory import acceptance_from_counters
@@ -114,19 +114,41 @@ def measure_on_engine(llm, job: EngineJob, temperature: float, batch: int, promp
     if job.method == "single" or job.method == "single_proposer" or job.method == "standard":
         row.mean_tokens_per_step = 1.0
     if spec and spec.get("num_drafts"):
-        acc = acceptance_from_counters(spec["num_drafts"], spec["per_pos"])
-        row.alpha, row.alpha_raw, row.per_position = acc["alpha_hat"], acc["alpha_raw"], acc["per_position"]
-        row.mean_tokens_per_step = 1.0 + spec["num_accepted_tokens"] / spec["num_drafts"]
-        row.extra["spec_counters"] = spec
+        _read_acceptance(row, spec)
     if cos:
         row.extra["cos_counters"] = cos
         # tokens per request per engine step (row_steps: rows verified; older counters: steps)
         steps = cos.get("row_steps") or (cos.get("steps", 0) * (1 if batch == 1 else 0))
         if steps:
             row.mean_tokens_per_step = cos["tokens_emitted"] / steps
+        if cos.get("row_steps"):  # drafts per request and step (gamma: auto: what the controller chose)
+            row.extra["mean_drafts_per_step"] = cos["drafts_proposed"] / cos["row_steps"]
         if cos.get("served_proposed"):
             row.beta = cos["served_accepted"] / cos["served_proposed"]
     return row
+
+
+def _read_acceptance(row: Row, spec: dict) -> None:
+    """alpha, per-position acceptance and tokens per step from vLLM's spec-decode counters.  gamma:
+    auto rows keep the first position only (alpha = a_1 / rounds): a round that drafted fewer than
+    the maximum counts as a rejection at every later position, which would bias the rest low."""
+    acc = acceptance_from_counters(spec["num_drafts"], spec["per_pos"])
+    row.alpha, row.alpha_raw, row.per_position = acc["alpha_hat"], acc["alpha_raw"], acc["per_position"]
+    if row.gamma == AUTO:
+        row.per_position = row.per_position[:1]
+        row.alpha, row.alpha_raw = (row.per_position or [None])[0], None
+    row.mean_tokens_per_step = 1.0 + spec["num_accepted_tokens"] / spec["num_drafts"]
+    row.extra["spec_counters"] = spec
+
+
+def warm_up(llm, job: EngineJob, measurements: list[tuple], settings: Settings, prompt_ids: dict) -> None:
+    """Not timed: first-call allocations; for gamma: auto also one full generation per batch size,
+    so that the draft-length controller has measured its step costs before the timed runs."""
+    prompts = prompt_ids[settings.prompt_sets[0]]
+    generate_timed(llm, prompts[:1], 1, 1.0, 4, settings.seed)
+    if job.gamma == AUTO:
+        for t, b in dict.fromkeys((t, b) for t, b, _ in measurements):
+            generate_timed(llm, prompts, b, t, settings.max_tokens, settings.seed)
 
 
 def run_engine_job(job: EngineJob, models: dict, settings: Settings, prompt_ids: dict, progress) -> list[Row]:
@@ -146,8 +168,7 @@ def run_engine_job(job: EngineJob, models: dict, settings: Settings, prompt_ids:
             progress.update(1)
         return rows
     try:
-        # warm-up (first-call allocations), not timed
-        generate_timed(llm, prompt_ids[settings.prompt_sets[0]][:1], 1, 1.0, 4, settings.seed)
+        warm_up(llm, job, measurements, settings, prompt_ids)
         for t, b, s in measurements:
             progress.set_description(f"{job.label} T={t:g} B={b} {s}")
             rows.append(measure_on_engine(llm, job, t, b, s, prompt_ids[s], settings))

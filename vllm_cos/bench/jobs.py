@@ -3,10 +3,15 @@ the CoS speculative configs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vllm_cos.bench.settings import DEFAULT_TEMPERATURES, Settings
+from vllm_cos.bench.theory import SERVED_GAMMA
+
+AUTO = "auto"  # cos.yaml ``gamma: auto``: the served model 1, the others up to 4, draft_length auto
+# the configurations that get a gamma: auto row next to each fixed-gamma naive / alternate row
+MAIN_CONFIGS = {("we", "lambda=0.5"), ("cd", "mu=0.1"), ("we", "3 models equal")}
 
 
 @dataclass
@@ -17,7 +22,7 @@ class EngineJob:
     method: str
     rule: str  # none | we | cd
     param: str
-    gamma: int | None
+    gamma: int | str | None  # AUTO: gamma: auto
     temperatures: list[float]
     spec: dict | None = None  # speculative_config (CoS dict or stock draft_model dict)
     served: str = "target"  # target | small
@@ -51,13 +56,18 @@ def _repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def cos_spec(models: dict, rule: dict, schedule: str, gamma: int, three: bool = False) -> dict:
+def cos_spec(models: dict, rule: dict, schedule: str, gamma: int | str, three: bool = False) -> dict:
+    """A CoS speculative config: the served model gamma 1, the others ``gamma``; ``gamma`` AUTO:
+    the top-level ``gamma: auto`` instead of per-model gammas."""
     names = models["_names"]
-    entries = [{"name": names["target"], "path": models["target"], "gamma": 1},
-               {"name": names["small"], "path": models["small"], "gamma": gamma}]
-    if three:
-        entries.append({"name": names["third"], "path": models["third"], "gamma": gamma})
+    keys = ["target", "small", "third"] if three else ["target", "small"]
+    entries = [{"name": names[k], "path": models[k]} for k in keys]
+    if gamma != AUTO:
+        for key, entry in zip(keys, entries):
+            entry["gamma"] = SERVED_GAMMA if key == "target" else gamma
     spec = {"models": entries, "rule": rule, "schedule": schedule}
+    if gamma == AUTO:
+        spec["gamma"] = AUTO
     if schedule != "standard":
         spec["proposer"] = names["small"]
     return spec
@@ -106,7 +116,8 @@ def _baseline_jobs(settings: Settings, models: dict, temps: list[float]) -> list
     if settings.sd:
         jobs.append(EngineJob(f"sd draft_model γ={settings.gamma}", "sd", "none", "", settings.gamma, temps,
                               spec={"method": "draft_model", "model": models["small"],
-                                    "num_speculative_tokens": settings.gamma}))
+                                    "num_speculative_tokens": settings.gamma},
+                              batch_sizes=[b for b in settings.batch_sizes if b in settings.sd_batches] or None))
     return jobs
 
 
@@ -115,11 +126,29 @@ def _rule_jobs(settings: Settings, models: dict, configs: list, temps: list[floa
     jobs: list[EngineJob] = []
     for rule, param, rule_dict in configs:
         t = rule_t.get(rule, temps)
+        fixed = []
         for schedule in settings.schedules:
             gamma = None if schedule == "standard" else settings.gamma
-            jobs.append(EngineJob(f"{schedule} {rule} {param}", schedule, rule, param, gamma, t,
-                                  spec=cos_spec(models, rule_dict, schedule, settings.gamma)))
+            fixed.append(EngineJob(f"{schedule} {rule} {param}", schedule, rule, param, gamma, t,
+                                   spec=cos_spec(models, rule_dict, schedule, settings.gamma)))
+        jobs += _with_auto(fixed, settings, models, rule_dict)
     return jobs
+
+
+def _with_auto(jobs: list[EngineJob], settings: Settings, models: dict, rule_dict: dict,
+               three: bool = False) -> list[EngineJob]:
+    """A gamma: auto job right after the last fixed-gamma naive / alternate job of a main
+    configuration (same temperatures, batch sizes and prompt sets)."""
+    if not settings.auto_gamma:
+        return jobs
+    out: list[EngineJob] = []
+    for i, job in enumerate(jobs):
+        out.append(job)
+        last_of_schedule = i + 1 == len(jobs) or jobs[i + 1].method != job.method
+        if job.method in ("naive", "alternate") and (job.rule, job.param) in MAIN_CONFIGS and last_of_schedule:
+            out.append(replace(job, label=job.label.split(" γ=")[0] + " γ=auto", gamma=AUTO,
+                               spec=cos_spec(models, rule_dict, job.method, AUTO, three)))
+    return out
 
 
 def _swapped_jobs(settings: Settings, models: dict, configs: list, temps: list[float],
@@ -163,19 +192,17 @@ def _gamma_grid_jobs(settings: Settings, models: dict, temps: list[float], rule_
 
 
 def _three_model_jobs(settings: Settings, models: dict, temps: list[float], rule_t: dict) -> list[EngineJob]:
-    """WE with three equally weighted models (batch 1, first prompt set)."""
-    jobs: list[EngineJob] = []
+    """WE with three equally weighted models (every batch size, first prompt set)."""
     names = models["_names"]
-    w = {names["target"]: 1 / 3, names["small"]: 1 / 3, names["third"]: 1 / 3}
+    rule_dict = {"name": "weighted_ensemble", "weights": {names[k]: 1 / 3 for k in ("target", "small", "third")}}
     # gamma 1: the paper's 3-model setting (every model proposes one token per turn)
-    for schedule, gamma in dict.fromkeys([("standard", None), ("alternate", 1), ("alternate", settings.gamma)]):
-        if schedule in settings.schedules:
-            jobs.append(EngineJob(f"{schedule} we 3 models" + (f" γ={gamma}" if gamma else ""), schedule,
-                                  "we", "3 models equal", gamma, rule_t.get("we", temps)[:1],
-                                  spec=cos_spec(models, {"name": "weighted_ensemble", "weights": w},
-                                                schedule, gamma or 1, three=True),
-                                  batch_sizes=[1], prompt_sets=settings.prompt_sets[:1]))
-    return jobs
+    variants = [("standard", None), ("naive", settings.gamma), ("alternate", 1), ("alternate", settings.gamma)]
+    jobs = [EngineJob(f"{schedule} we 3 models" + (f" γ={gamma}" if gamma else ""), schedule, "we",
+                      "3 models equal", gamma, rule_t.get("we", temps)[:1],
+                      spec=cos_spec(models, rule_dict, schedule, gamma or 1, three=True),
+                      prompt_sets=settings.prompt_sets[:1])
+            for schedule, gamma in dict.fromkeys(variants) if schedule in settings.schedules]
+    return _with_auto(jobs, settings, models, rule_dict, three=True)
 
 
 def job_measurements(job: EngineJob, settings: Settings) -> list[tuple[float, int, str]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable
 
 from vllm_cos.bench.rows import Row, rate
+from vllm_cos.bench.theory import PREDICTION_NOTES
 
 
 def _fmt(value, digits=2) -> str:
@@ -26,11 +27,41 @@ def _fmt(value, digits=2) -> str:
 
 TABLE_COLUMNS = [
     ("method", "method"), ("rule", "rule"), ("param", "param"), ("T", "temperature"), ("B", "batch"),
-    ("prompts", "prompts"), ("proposer", "proposer"), ("γ", "gamma"), ("tok/s", "tokens_per_s"), ("tok/cpu-s", "tokens_per_cpu_s"), ("×std", "speedup_vs_standard"),
+    ("prompts", "prompts"), ("proposer", "proposer"), ("γ", "gamma"), ("tok/s (wall)", "tokens_per_s"),
+    ("tok/s (cpu)", "tokens_per_cpu_s"), ("×std", "speedup_vs_standard"),
     ("×single", "speedup_vs_single"), ("tok/step", "mean_tokens_per_step"), ("α", "alpha"),
-    ("β", "beta"), ("per-pos α", "per_position"), ("c", "c"), ("pred", "predicted"),
-    ("meas/pred", "measured_over_predicted"), ("load", "load_avg"), ("status", "status"),
+    ("β", "beta"), ("per-pos α", "per_position"), ("c", "c"), ("pred (ours)", "predicted"),
+    ("pred (paper)", "predicted_paper"), ("meas/pred", "measured_over_predicted"), ("load", "load_avg"),
+    ("status", "status"),
 ]
+
+# the legend under the table (and meta "notes" in bench.json)
+COLUMN_NOTES = {
+    "tok/s (wall)": "generated tokens / wall seconds (best repetition)",
+    "tok/s (cpu)": "generated tokens / CPU seconds of this process (best repetition; robust to other load)",
+    "×std": "speedup over standard collaborative decoding of the same rule/T/B/prompts, on the {clock} clock "
+            "(×single, c and the targets too)",
+    "γ": "the proposer's draft length (the served model's: 1); " + PREDICTION_NOTES["auto"],
+    "pred (ours)": PREDICTION_NOTES["pred (ours)"],
+    "pred (paper)": PREDICTION_NOTES["pred (paper)"],
+    "load": "1-minute load average after the measurement",
+}
+
+
+def column_notes(clock: str = "cpu") -> dict[str, str]:
+    return {k: v.format(clock=clock) for k, v in COLUMN_NOTES.items()}
+
+
+def _cell(r: Row, attr: str) -> str:
+    v = getattr(r, attr)
+    if attr == "load_avg":
+        return _fmt(v[0], 1) if v else "-"
+    if attr == "temperature":
+        return _fmt(v, 1)
+    drafts = r.extra.get("mean_drafts_per_step")
+    if attr == "gamma" and v == "auto" and drafts is not None:
+        return f"auto ({drafts:.2f})"
+    return _fmt(v)
 
 
 def markdown_table(rows: Iterable[Row]) -> str:
@@ -38,17 +69,7 @@ def markdown_table(rows: Iterable[Row]) -> str:
     sep = "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"
     lines = [head, sep]
     for r in rows:
-        cells = []
-        for _, attr in TABLE_COLUMNS:
-            v = getattr(r, attr)
-            if attr == "load_avg":
-                v = _fmt(v[0], 1) if v else "-"
-            elif attr == "temperature":
-                v = _fmt(v, 1)
-            else:
-                v = _fmt(v)
-            cells.append(v.replace("|", "/"))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(r, attr).replace("|", "/") for _, attr in TABLE_COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -91,11 +112,12 @@ def write_outputs(out_dir: str | Path, rows: list[Row], meta: dict) -> dict[str,
     paths["json"].write_text(json.dumps(data, indent=1, default=str))
     md = [f"# CoS benchmark ({meta.get('preset', '?')})", ""]
     for k in ("command", "started", "duration_s", "models", "target", "small", "third", "device",
-              "threads", "ld_preload", "load_avg_start", "load_avg_end", "clock", "c_by_batch", "warnings",
-              "notes"):
+              "threads", "ld_preload", "load_avg_start", "load_avg_end", "clock", "c_by_batch", "warnings"):
         if k in meta:
             md.append(f"- {k}: {meta[k]}")
-    md += ["", markdown_table(rows), "", "## Targets (batch 1)", ""]
+    md += ["", markdown_table(rows), "", "## Columns", ""]
+    md += [f"- {k}: {v}" for k, v in column_notes(meta.get("clock", "cpu")).items()]
+    md += ["", "## Targets (batch 1)", ""]
     for t in targets:
         md.append(f"- [{'x' if t['met'] else ' '}] {t['target']}: {_fmt(t['value'])}")
     md.append("")
@@ -149,7 +171,7 @@ def _plot_vs_lambda(plt, ok: list[Row], rows: list[Row], save) -> None:
 
 
 def _plot_vs_gamma(plt, ok: list[Row], rows: list[Row], save) -> None:
-    gam = [r for r in ok if r.method in ("naive", "alternate") and r.batch == 1 and r.gamma]
+    gam = [r for r in ok if r.method in ("naive", "alternate") and r.batch == 1 and isinstance(r.gamma, int)]
     grid_sets = {r.prompts for r in gam if r.gamma != _main_gamma(rows)}
     if grid_sets:  # the grid runs on one prompt set: compare like with like
         gam = [r for r in gam if r.prompts in grid_sets]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm_cos.bench.theory import theorem_3_1, theorem_3_6
+from vllm_cos.bench.theory import paper_theorem_3_1, paper_theorem_3_6, theorem_3_1, theorem_3_6
 
 
 @dataclass
@@ -18,7 +18,7 @@ class Row:
     temperature: float
     batch: int
     prompts: str
-    gamma: int | None = None
+    gamma: int | str | None = None  # "auto": cos.yaml gamma: auto (adaptive draft length)
     proposer: str | None = None
     status: str = "ok"  # ok | unsupported: ... | unavailable: ... | error: ...
     tokens: int = 0
@@ -34,7 +34,8 @@ class Row:
     c: float | None = None
     speedup_vs_standard: float | None = None
     speedup_vs_single: float | None = None
-    predicted: float | None = None
+    predicted: float | None = None  # our accounting (theory.theorem_3_1 / theorem_3_6)
+    predicted_paper: float | None = None  # the paper's (theory.paper_theorem_3_1 / paper_theorem_3_6)
     measured_over_predicted: float | None = None
     extra: dict = field(default_factory=dict)
 
@@ -93,17 +94,26 @@ def derive(rows: list[Row], clock: str = "cpu") -> None:
             r.speedup_vs_standard = 1.0
         if r.method in ("sd", "standard", "naive", "alternate") and r.batch in c_by_batch:
             r.c = c_by_batch[r.batch]
-        # the theorems as stated here: two models, the small one proposing (c = t_small / t_large)
-        two_models = "3 models" not in r.param and r.proposer == "small"
-        if r.method in ("naive", "alternate") and r.alpha is not None and r.c is not None and r.gamma \
-                and two_models:
-            alpha = min(max(r.alpha, 0.0), 1.0)
-            if r.method == "naive":
-                r.predicted = theorem_3_1(alpha, r.gamma, r.c)
-            else:
-                r.predicted = theorem_3_6(alpha, r.gamma, r.c, r.beta)
-            if r.speedup_vs_standard is not None and r.predicted:
-                r.measured_over_predicted = r.speedup_vs_standard / r.predicted
+        _predict(r)
+
+
+def _predict(r: Row) -> None:
+    """Both accountings of the theorems, for two models with the small one proposing
+    (c = t_small / t_large) and a fixed gamma (none for gamma: auto rows)."""
+    two_models = "3 models" not in r.param and r.proposer == "small"
+    fixed_gamma = isinstance(r.gamma, int) and not isinstance(r.gamma, bool) and r.gamma >= 1
+    if r.method not in ("naive", "alternate") or r.alpha is None or r.c is None or not fixed_gamma \
+            or not two_models:
+        return
+    alpha = min(max(r.alpha, 0.0), 1.0)
+    if r.method == "naive":
+        r.predicted = theorem_3_1(alpha, r.gamma, r.c)
+        r.predicted_paper = paper_theorem_3_1(alpha, r.gamma, r.c)
+    else:
+        r.predicted = theorem_3_6(alpha, r.gamma, r.c, r.beta)
+        r.predicted_paper = paper_theorem_3_6(alpha, r.gamma, r.c)
+    if r.speedup_vs_standard is not None and r.predicted:
+        r.measured_over_predicted = r.speedup_vs_standard / r.predicted
 
 
 def _set_timing(row: Row, runs: list[tuple]) -> None:

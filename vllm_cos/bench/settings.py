@@ -10,25 +10,38 @@ from typing import Any, Sequence
 from vllm_cos.bench.rows import CLOCKS
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # an engine smoke run (tests): one rule, one schedule pair, tiny budgets
+    # an engine smoke run (tests): one rule, one schedule pair (fixed gamma and auto), tiny budgets
     "smoke": dict(batch_sizes=[1], temperatures=[1.0], lambdas=[0.5], mus=[], gammas=[], gamma=2,
                   schedules=["standard", "alternate"], prompt_sets=["code"], prompts_per_set=1,
                   max_tokens=16, three_models=False, peers=False, sd=False, single=True, rule_temperatures=None,
-                  repeats=1, peer_batches=[1], gamma_schedules=["alternate"], swap_proposer=False),
-    # the acceptance targets, batch 1 and 8, both prompt sets (< 10 min on 2 cores)
-    "quick": dict(batch_sizes=[1, 8], temperatures=None, lambdas=[0.5], mus=[0.1], gammas=[1, 2, 3],
+                  repeats=1, peer_batches=[1], gamma_schedules=["alternate"], swap_proposer=False,
+                  auto_gamma=True, sd_batches=[1]),
+    # the acceptance targets, batch 1, 8 and 32 (32: the main rows, not sd / peers / the gamma grid)
+    "quick": dict(batch_sizes=[1, 8, 32], temperatures=None, lambdas=[0.5], mus=[0.1], gammas=[1, 2, 3],
                   gamma=3, schedules=["standard", "naive", "alternate"], prompt_sets=["code", "prose"],
                   prompts_per_set=3, max_tokens=96, three_models=True, peers=True, sd=True, single=True,
                   rule_temperatures={"we": [1.0], "cd": [0.0]}, repeats=3,
-                  peer_batches=[1, 8], gamma_schedules=["alternate"], swap_proposer=True),
+                  peer_batches=[1, 8], gamma_schedules=["alternate"], swap_proposer=True,
+                  auto_gamma=True, sd_batches=[1, 8]),
+    # the paper's main rows on forward-dominated models (--models models/wide, scripts/widen_models.py):
+    # short generations, one prompt set, no peers / grid / swapped proposer
+    "paper": dict(batch_sizes=[1, 8], temperatures=None, lambdas=[0.5], mus=[0.1], gammas=[], gamma=3,
+                  schedules=["standard", "naive", "alternate"], prompt_sets=["code"], prompts_per_set=2,
+                  max_tokens=32, three_models=True, peers=False, sd=True, single=True,
+                  rule_temperatures={"we": [1.0], "cd": [0.0]}, repeats=2, peer_batches=[1],
+                  gamma_schedules=["alternate"], swap_proposer=False, auto_gamma=True, sd_batches=[1, 8]),
     # everything in the issue
     "full": dict(batch_sizes=[1, 8, 32], temperatures=None, lambdas=[0.1, 0.3, 0.5, 0.7, 0.9],
                  mus=[0.1, 0.3], gammas=[1, 2, 3, 4, 5, 6], gamma=3,
                  schedules=["standard", "naive", "alternate"], prompt_sets=["code", "prose"],
                  prompts_per_set=4, max_tokens=128, three_models=True, peers=True, sd=True, single=True,
                  rule_temperatures=None, repeats=3, peer_batches=[1, 8],
-                 gamma_schedules=["naive", "alternate"], swap_proposer=True),
+                 gamma_schedules=["naive", "alternate"], swap_proposer=True, auto_gamma=True,
+                 sd_batches=[1, 8, 32]),
 }
+# auto_gamma: next to each fixed-gamma naive / alternate row of the main configurations (WE
+# lambda=0.5, CD mu=0.1, 3-model WE) a row with cos.yaml ``gamma: auto``, at every batch size.
+# sd_batches: the batch sizes of the plain speculative decoding rows (within --batch-sizes).
 # swap_proposer: also run WE naive / alternate with the roles swapped (the small model served,
 # the large one drafting; batch 1, first prompt set): the lambda plot's second proposer choice.
 # temperatures: for single / sd rows; rule_temperatures: per rule (None: = temperatures);
@@ -82,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed repetitions per measurement; tok/s is the best (least disturbed) one")
     p.add_argument("--prompt-sets", type=_str_list, default=None)
     p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--no-auto", action="store_true", help="skip the gamma: auto rows")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-reexec", action="store_true", help="do not re-exec with LD_PRELOAD / thread settings")
     p.add_argument("--threads", type=int, default=None,
@@ -139,6 +153,8 @@ class Settings:
     peer_batches: list[int]
     gamma_schedules: list[str]
     swap_proposer: bool
+    auto_gamma: bool
+    sd_batches: list[int]
     plots: bool
     seed: int
 
@@ -161,7 +177,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         peers=preset["peers"] and not args.no_peers, sd=preset["sd"], single=preset["single"],
         rule_temperatures=preset["rule_temperatures"] if args.temperatures is None else None,
         repeats=pick("repeats"), peer_batches=list(preset["peer_batches"]), swap_proposer=preset["swap_proposer"],
-        gamma_schedules=list(preset["gamma_schedules"]), plots=not args.no_plots, seed=args.seed)
+        gamma_schedules=list(preset["gamma_schedules"]), auto_gamma=preset["auto_gamma"] and not args.no_auto,
+        sd_batches=list(preset["sd_batches"]), plots=not args.no_plots, seed=args.seed)
     for name in settings.prompt_sets:
         if name not in PROMPTS:
             raise SystemExit(f"bench: unknown prompt set {name!r} (known: {', '.join(PROMPTS)})")

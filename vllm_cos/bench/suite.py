@@ -13,7 +13,7 @@ from vllm_cos.bench.engine_rows import run_engine_job
 from vllm_cos.bench.environment import default_threads, load_average, maybe_reexec
 from vllm_cos.bench.jobs import _models, job_measurements, plan
 from vllm_cos.bench.peers import count_peer_measurements, run_peers
-from vllm_cos.bench.report import replot, write_outputs, write_plots
+from vllm_cos.bench.report import column_notes, replot, write_outputs, write_plots
 from vllm_cos.bench.rows import Row, cost_ratios, derive
 from vllm_cos.bench.settings import PROMPTS, Settings, parse_args
 
@@ -86,8 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": asdict(settings),
         "clock": args.clock,
         "c_by_batch": {b: round(c, 3) for b, c in cost_ratios(rows, args.clock).items()},
-        "notes": "tok/s = generated tokens / wall time; load = 1-min load average after each measurement; "
-                 "×std over standard collaborative decoding of the same rule/T/B/prompts",
+        "notes": "; ".join(f"{k}: {v}" for k, v in column_notes(args.clock).items()),
     }
     paths = write_outputs(settings.out, rows, meta)
     plots = write_plots(settings.out, rows) if settings.plots else "plots disabled"

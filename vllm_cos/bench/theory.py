@@ -1,4 +1,5 @@
-"""Theory: the speedup formulas behind the bench's ``predicted`` column, and alpha from counters.
+"""Theory: the speedup formulas behind the bench's ``predicted`` / ``predicted_paper`` columns, and
+alpha from counters.
 
 Two models: the served model M_p (the verifier) with forward time t_p and the proposer M_q
 with forward time t_q; the cost ratio is ``c = t_q / t_p``.  We measure t_p and t_q as the
@@ -38,6 +39,24 @@ Note on this engine: its ``naive`` schedule feeds M_p's bonus token to M_q specu
 placeholder for the r-sample (DESIGN.md), so it pays the extra M_q pass only when the r-sample
 differs -- measured/predicted > 1 for naive rows is expected.
 
+The paper's own statements (Fu et al., ICML 2025; ../shared/PAPER.md), the ``pred (paper)``
+column.  Theorem 3.1 counts ``(1 - alpha^gamma) / (1 - alpha)`` tokens per cycle (no token
+after gamma accepted drafts: r is not known there without another M_q call) at cost
+``1 + gamma c``::
+
+    S_naive_paper = (1 - alpha^gamma) (1 + c) / ((1 - alpha) (1 + gamma c))
+
+Theorem 3.6, with gamma_q the current proposer's draft length and gamma_p the previous one's
+(a bonus token exists with probability alpha^gamma_p and saves one M_q call)::
+
+    S_apf_paper = (1 - alpha^gamma_q) (1 + c) / ((1 - alpha) (1 + gamma_q c - alpha^gamma_p c))
+
+In the bench the proposer (the small model) drafts gamma_q = gamma and the served model
+gamma_p = :data:`SERVED_GAMMA` = 1.  Our accounting (``pred (ours)``) counts the token emitted
+after gamma accepted drafts (the engine spends that M_q call): one token more per fully accepted
+round at one M_q call more (naive), so neither bound is always the larger (small alpha, large c:
+the paper's is).
+
 Measured quantities: alpha from vLLM's per-position acceptance counters, alpha_hat =
 accepted / (accepted + rejections) where rejections = rounds that did not accept all drafts
 (the maximum-likelihood estimate under A1; ``alpha_raw`` = accepted / drafted is also
@@ -48,6 +67,8 @@ reported); beta = served_accepted / served_proposed from the CoS counters
 from __future__ import annotations
 
 from typing import Sequence
+
+SERVED_GAMMA = 1  # the bench's served model drafts one token (its bonus) under alternate: gamma_p
 
 
 def expected_tokens_per_round(alpha: float, gamma: int) -> float:
@@ -71,6 +92,39 @@ def theorem_3_6(alpha: float, gamma: int, c: float, beta: float | None = None) -
     beta = alpha if beta is None else beta
     cost = 1.0 + gamma * c + (alpha ** gamma) * (1.0 - beta) * c
     return expected_tokens_per_round(alpha, gamma) * (1.0 + c) / cost
+
+
+def paper_theorem_3_1(alpha: float, gamma: int, c: float) -> float:
+    """The paper's naive CoS speedup: (1 - alpha^gamma)(1 + c) / ((1 - alpha)(1 + gamma c))."""
+    if gamma < 1:
+        raise ValueError("gamma must be >= 1")
+    return expected_tokens_per_round(alpha, gamma - 1) * (1.0 + c) / (1.0 + gamma * c)
+
+
+def paper_theorem_3_6(alpha: float, gamma_q: int, c: float, gamma_p: int = SERVED_GAMMA) -> float:
+    """The paper's APF speedup:
+    (1 - alpha^gamma_q)(1 + c) / ((1 - alpha)(1 + gamma_q c - alpha^gamma_p c))."""
+    if gamma_q < 1 or gamma_p < 1:
+        raise ValueError("gamma_q and gamma_p must be >= 1")
+    cost = 1.0 + gamma_q * c - (alpha ** gamma_p) * c
+    return expected_tokens_per_round(alpha, gamma_q - 1) * (1.0 + c) / cost
+
+
+PREDICTION_NOTES = {
+    "pred (ours)": "this bench's accounting (vllm_cos.bench.theory): a round emits "
+                   "(1 - α^(γ+1))/(1 - α) tokens (the token from r after γ accepted drafts counted); "
+                   "naive (1 - α^(γ+1))(1 + c)/((1 - α)(1 + (γ+1)c)), alternate "
+                   "(1 - α^(γ+1))(1 + c)/((1 - α)(1 + γc + α^γ(1 - β)c)); meas/pred uses this one",
+    "pred (paper)": "the paper's accounting (Fu et al. 2025, Thm 3.1 / 3.6): a cycle emits "
+                    "(1 - α^γ)/(1 - α) tokens (no token after γ accepted drafts); naive "
+                    "(1 - α^γ)(1 + c)/((1 - α)(1 + γc)), alternate (1 - α^γq)(1 + c)/((1 - α)(1 + γq c - α^γp c)) "
+                    f"with γq = γ (the small proposer) and γp = {SERVED_GAMMA} (the served model)",
+    "auto": "γ = auto rows (cos.yaml gamma: auto: served model 1, others up to 4, draft_length auto): "
+            "no prediction (the draft length changes per step; the theorems assume a fixed γ); the γ cell "
+            "shows the measured mean drafts per request and step (cos_stats drafts_proposed / row_steps); "
+            "α and per-pos α: the first draft position only (later positions are not comparable when the "
+            "draft length varies); the engine generates once per batch size untimed before the timed runs",
+}
 
 
 def acceptance_from_counters(num_rounds: int, accepted_per_pos: Sequence[int]) -> dict:
