@@ -51,6 +51,22 @@ def _cumulative(stats, key: str) -> tuple[int, float]:
     return calls, cum
 
 
+def _cos_spec(models, rule, schedule, gamma: str) -> dict:
+    if gamma != "auto":
+        return bench.cos_spec(models, rule, schedule, int(gamma))
+    spec = bench.cos_spec(models, rule, schedule, 1)
+    for entry in spec["models"]:
+        entry.pop("gamma")
+    return {**spec, "gamma": "auto"}
+
+
+def _force_draft_length(k: int) -> None:
+    """Every step drafts k tokens (gamma: auto's controller overridden; in-process engine only)."""
+    from vllm_cos.adaptive import DraftLengthController
+
+    DraftLengthController.choose = lambda self, batch: min(k, self.max_drafts)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--models", default="/work/shared/models")
@@ -58,13 +74,16 @@ def main(argv=None):
     p.add_argument("--small", default="small")
     p.add_argument("--schedule", default="alternate", choices=["standard", "naive", "alternate", "single", "sd"])
     p.add_argument("--rule", default="we", choices=["we", "cd"])
-    p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--gamma", default="3", help="draft tokens of the small model per step, or 'auto'")
+    p.add_argument("--drafts", type=int, default=None,
+                   help="with --gamma auto: force every step to draft this many tokens (0 = verify only)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-reexec", action="store_true")
+    p.add_argument("--save", help="write the raw cProfile stats to this file (pstats / snakeviz)")
     args = p.parse_args(argv)
     if not args.no_reexec and os.environ.get(bench.REEXEC_FLAG) != "1":
         env, warnings = bench.performance_env(args.threads)
@@ -80,10 +99,12 @@ def main(argv=None):
     elif args.schedule == "sd":
         job = bench.EngineJob("sd", "sd", "none", "", args.gamma, [args.temperature],
                               spec={"method": "draft_model", "model": models["small"],
-                                    "num_speculative_tokens": args.gamma})
+                                    "num_speculative_tokens": int(args.gamma)})
     else:
         job = bench.EngineJob(args.schedule, args.schedule, args.rule, "", args.gamma, [args.temperature],
-                              spec=bench.cos_spec(models, rule, args.schedule, args.gamma))
+                              spec=_cos_spec(models, rule, args.schedule, args.gamma))
+    if args.drafts is not None:
+        _force_draft_length(args.drafts)
     llm = bench.start_engine(job, models, settings)
     prompts = bench.tokenize_prompts(models, settings)["code"]
     bench.generate_timed(llm, prompts[:1], 1, args.temperature, 8, 0)  # warm-up
@@ -97,6 +118,8 @@ def main(argv=None):
     wall = time.perf_counter() - t0
     cos = bench._diff(bench.cos_counters(llm), cos0)
     stats = pstats.Stats(prof)
+    if args.save:
+        stats.dump_stats(args.save)
     steps = None
     for (file, _, func), (cc, nc, tt, ct, callers) in stats.stats.items():
         if file.endswith("core.py") and func == "step" and "v1/engine" in file:

@@ -74,8 +74,10 @@ def greedy_identity(llm, prompts, max_tokens: int, expected: list[list[int]], la
     return single
 
 
-def r_next(cfg, token_ids: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """r(. | token_ids) of a CoS config, tempered, from transformers models (float64 [vocab])."""
+def r_next_rows(cfg, contexts: list[list[int]], temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0) -> torch.Tensor:
+    """r(. | context) of a CoS config for equal-length ``contexts``, tempered, from transformers
+    models (float64 [N, vocab])."""
     from transformers import AutoModelForCausalLM
 
     from vllm_cos.combine import build_combiner
@@ -85,10 +87,25 @@ def r_next(cfg, token_ids: list[int], temperature: float = 1.0, top_k: int = 0, 
     for spec in cfg.models:
         model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
         with torch.no_grad():
-            logits.append(model(torch.tensor([token_ids])).logits[0, -1])
-    combined = build_combiner(cfg.rule, cfg.model_names)(torch.stack(logits).unsqueeze(1))
-    return apply_sampling_params(combined, torch.tensor([temperature]), torch.tensor([top_k]),
-                                 torch.tensor([top_p]))[0].double()
+            logits.append(model(torch.tensor(contexts)).logits[:, -1])
+    combined = build_combiner(cfg.rule, cfg.model_names)(torch.stack(logits))
+    n = len(contexts)
+    return apply_sampling_params(combined, torch.full((n,), temperature), torch.full((n,), top_k),
+                                 torch.full((n,), top_p)).double()
+
+
+def r_next(cfg, token_ids: list[int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """r(. | token_ids) of a CoS config, tempered, from transformers models (float64 [vocab])."""
+    return r_next_rows(cfg, [token_ids], temperature, top_k, top_p)[0]
+
+
+def r_second_token(cfg, token_ids: list[int]) -> torch.Tensor:
+    """The marginal of the second token generated after ``token_ids`` at T = 1:
+    sum over t of r(t | prompt) r(. | prompt + t) (float64 [vocab])."""
+    first = r_next(cfg, token_ids)
+    support = first.nonzero().squeeze(1).tolist()
+    second = r_next_rows(cfg, [token_ids + [t] for t in support])
+    return first[support] @ second
 
 
 def free_port() -> int:

@@ -93,3 +93,11 @@ def test_stash_put_take_free():
     with pytest.raises(RuntimeError, match="draft stash full"):
         stash.put(["d"], torch.tensor([[0]]), logits[:1, :1])
     assert stash.bytes_per_request() == 3 * 2 * 5 * 4 + 3 * 8
+
+
+def test_stash_void_rows_are_never_verifiable():
+    stash = DraftStash(max_requests=3, max_drafts=2, num_members=1, vocab=4)
+    stash.put(["a", "b", "c"], torch.tensor([[1, 2], [3, 0], [2, 2]]), torch.randn(3, 2, 1, 4),
+              void=torch.tensor([False, True, False]))
+    ids, _ = stash.take(["a", "b", "c"], 2)
+    assert ids.tolist() == [[1, 2], [NO_DRAFT, NO_DRAFT], [2, 2]]

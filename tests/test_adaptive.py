@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from vllm_cos.adaptive import DraftLengthController, bucket_of, expected_tokens
@@ -18,12 +20,28 @@ def test_buckets_are_powers_of_two():
     assert [bucket_of(b) for b in (0, 1, 2, 3, 8, 31, 32, 33)] == [1, 1, 2, 2, 8, 16, 32, 32]
 
 
-def _simulate(controller, batch, cost, acceptance, steps=400):
-    """Run the controller against a step-cost function cost(k) and an acceptance rate."""
+def _simulate(controller, batch, cost, acceptance, steps=400, seed=0):
+    """Run the controller against a step-cost function cost(k) and a per-draft acceptance:
+    each row accepts drafts until its first rejection (the verifier's stopping rule)."""
+    rng = random.Random(seed)
     for _ in range(steps):
         k = controller.choose(batch)
-        controller.observe(batch, k, cost(k), proposed=batch * k, accepted=round(batch * k * acceptance))
+        accepted = rejected = 0
+        for _ in range(batch):
+            run = 0
+            while run < k and rng.random() < acceptance:
+                run += 1
+            accepted += run
+            rejected += run < k
+        controller.observe(batch, k, cost(k), accepted=accepted, rejected=rejected)
     return controller.chosen()[bucket_of(batch)]
+
+
+def test_acceptance_estimate_is_per_draft_not_per_proposed():
+    # at k = 4 and a = 0.8, accepted / proposed is (0.8 + ... + 0.8^4) / 4 = 0.59; the estimate is a
+    c = DraftLengthController(max_drafts=4, explore_every=10 ** 9)
+    _simulate(c, 8, lambda k: 1.0, acceptance=0.8, steps=600)
+    assert c.acceptance == pytest.approx(0.8, abs=0.05)
 
 
 def test_cheap_drafts_and_high_acceptance_draft_the_maximum():

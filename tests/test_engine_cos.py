@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import CODE_PROMPTS as TEXTS, PROMPT_FOR_SAMPLING, OneEngine, greedy_identity, r_next
+from engine_helpers import (CODE_PROMPTS as TEXTS, PROMPT_FOR_SAMPLING, OneEngine, greedy_identity, r_next,
+                            r_second_token)
 
 pytestmark = pytest.mark.engine
 
@@ -307,3 +308,28 @@ def _assert_logprobs_are_log_r(llm, models, rule, prompts, num_sampled):
             for t in clear:
                 worst = max(worst, abs(entry[t].logprob - float(ref[t])))
     assert worst < 2e-3, f"logprobs differ from log r by {worst}"
+
+
+@pytest.mark.parametrize("share", [0, 10 ** 6], ids=["void", "refeed"])
+def test_changed_proposals_void_or_refeed(engines, models, prompts, monkeypatch, share):
+    """Rows whose served proposal the group changed either re-feed the verified token (a pass
+    of the batch) or draft from the proposal's context with their drafts voided; both are exact.
+    Forced each way (``REFEED_SHARE``): greedy identity single and batched, and the second
+    generated token over NUM_SAMPLES seeded requests in one batch follows its marginal under r."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_cos.adapters import proposer
+    from vllm_cos.config import load_config
+
+    monkeypatch.setattr(proposer, "REFEED_SHARE", share)
+    rule, schedule = PARAMS_ENGINE
+    llm = engines.get(rule, schedule)
+    greedy_identity(llm, prompts, MAX_TOKENS, _reference(models, rule, prompts), f"{schedule}/{rule} share={share}")
+    prompt = prompts[3][:6]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=2, ignore_eos=True) for s in range(NUM_SAMPLES)]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * NUM_SAMPLES, params, use_tqdm=False)
+    counts = Counter(o.outputs[0].token_ids[1] for o in outs)
+    expected = r_second_token(load_config(cos_spec(models, rule, schedule)), prompt)
+    p_value = _chi_square(counts, expected, NUM_SAMPLES)
+    assert p_value > P_THRESHOLD, f"second token, share={share}: chi-square p = {p_value:.2e}"

@@ -11,11 +11,14 @@ on CPU at batch >= 8 verifying k tokens per request costs far more than one, whi
 fixed gamma is slower than standard under load.  The controller maximises B * E(k) / t(B, k),
 k = 0 included (the collaborators then only verify each other's single proposals).
 
-Estimates: a is a running (exponentially weighted) acceptance of the drafts verified; t(B, k)
-a running mean of the wall time of steady steps (the previous step used the same k, so that
-the step verified k drafts and drafted k).  A k never measured in a bucket is estimated from
-the measured ones (linear in k); each bucket re-measures a neighbour of its best k every
-``explore_every`` steps, for two steps.  Pure Python: no torch, no vLLM.
+Estimates: a is a running (exponentially weighted) per-draft acceptance, accepted / (accepted +
+rejections): a row's drafts stop at its first rejection, so the drafts after it were never
+tried (accepted / proposed would be (a + a^2 + ... + a^k) / k, biased low for k > 1 and so
+towards short drafts).  t(B, k) is a running mean of the wall time of steady steps (the
+previous step used the same k, so that the step verified k drafts and drafted k).  A k never
+measured in a bucket is estimated from the measured ones (linear in k); each bucket
+re-measures a neighbour of its best k every ``explore_every`` steps, for two steps (the second
+is the steady one).  Pure Python: no torch, no vLLM.
 """
 
 from __future__ import annotations
@@ -92,14 +95,15 @@ class DraftLengthController:
             unmeasured = [k for k in range(self.max_drafts + 1) if k not in state.cost]
             neighbour = unmeasured[0] if unmeasured else (best + 1 if best < self.max_drafts else best - 1)
             neighbour = min(max(neighbour, 0), self.max_drafts)
-            state.trial = [neighbour]
+            state.trial = [neighbour]  # this step and the next: the second one is steady
             return neighbour
         return best
 
-    def observe(self, batch: int, k: int, seconds: float, proposed: int, accepted: int) -> None:
-        """One finished step: its k, wall time, and the drafts it verified (proposed, accepted)."""
-        if proposed > 0:
-            self.acceptance += self.smoothing * (accepted / proposed - self.acceptance)
+    def observe(self, batch: int, k: int, seconds: float, accepted: int, rejected: int) -> None:
+        """One finished step: its k, wall time, the drafts it accepted and the number of rows
+        whose drafts met a rejection."""
+        if accepted + rejected > 0:
+            self.acceptance += self.smoothing * (accepted / (accepted + rejected) - self.acceptance)
         b = bucket_of(batch)
         state = self.buckets.setdefault(b, _Bucket())
         if self._last == (b, k) and seconds > 0:  # steady: verified k and drafted k

@@ -13,8 +13,8 @@ from vllm_cos.combine import build_combiner
 from vllm_cos.engine import draft_plan
 from vllm_cos.adapters.step import GrammarHandoff, StepChannel
 
-COUNTERS = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "served_proposed",
-            "served_accepted", "tokens_emitted", "row_steps")
+COUNTERS = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "draft_rejections",
+            "served_proposed", "served_accepted", "tokens_emitted", "row_steps")
 
 
 class CoSStats:
@@ -22,6 +22,7 @@ class CoSStats:
 
     steps: engine steps with CoS sampling (= served-model forwards); draft_forwards: draft-group
     passes; drafts_proposed / drafts_accepted: the group's drafts verified against r;
+    draft_rejections: rows whose drafts met a rejection (the drafts after it were never tried);
     served_proposed / served_accepted: the served model's proposals verified by the group;
     tokens_emitted; row_steps: (request, step) pairs = verification rounds.
     """

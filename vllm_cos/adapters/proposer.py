@@ -10,8 +10,12 @@ runner's bookkeeping.  Per step:
    does; ``alternate`` accepts the proposal with min(1, r/p) or replaces it from
    norm(max(0, r - p)), ``naive`` draws that position from r.  The result is written into
    the sampled-token tensor, so nothing unverified is emitted;
-3. if a row's token changed, one single-token pass re-feeds it; then the plan's members draft
-   in turn, each from its proposal q, and every member's logits go to the draft stash.
+3. if many rows' tokens changed (a quarter of the batch or more), one single-token pass
+   re-feeds them; otherwise the changed rows draft from the proposal's context and their drafts
+   are voided in the stash (never verified: exact, just not accepted), which saves a pass of the
+   whole batch for a few rows.  Then the plan's members draft in turn, each from its proposal
+   q, and every member's logits go to the draft stash.  A step that drafts nothing draws the
+   verified position straight from r (no re-feed can follow, so T's proposal buys nothing).
 
 vLLM internals touched: ``DraftModelProposer`` / ``SpecDecodeBaseProposer`` (``load_model``,
 ``_get_model``, ``_create_draft_vllm_config``, ``propose``, ``prepare_next_token_ids_padded``,
@@ -40,6 +44,9 @@ from vllm_cos.engine import SUPPORTED_RUNNER, config_from_additional
 from vllm_cos.verify import verify
 
 logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
+
+# Re-feed the verified tokens when at least 1/REFEED_SHARE of the rows changed them.
+REFEED_SHARE = 4
 
 
 # runner -> its CoSCore: how the module-level hooks (grammar mask, stash release) find a runner's step.
@@ -90,7 +97,7 @@ class CoSProposerMixin:
         carried = config_from_additional(vllm_config.additional_config)
         self.cos_core = None if carried is None else CoSCore(*carried)
         self.cos_runner = runner
-        self._cos_last_step = None  # gamma: auto -- (time, batch, k, drafts proposed, accepted)
+        self._cos_last_step = None  # gamma: auto -- (time, batch, k, drafts accepted, rejections)
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
@@ -164,8 +171,9 @@ class CoSProposerMixin:
         hidden = self._forward(cad, batch, None, first_pass=False)[:batch]
         return hidden, positions
 
-    def _verify_proposals(self, step, group_logits, next_token_ids, batch):
-        """r at each served proposal; returns the next tokens [B] (accepted or replaced)."""
+    def _verify_proposals(self, step, group_logits, next_token_ids, batch, direct: bool = False):
+        """r at each served proposal; returns the next tokens [B] (accepted or replaced; drawn
+        from r itself under ``naive`` or when ``direct``)."""
         core, pending, sampling = self.cos_core, step.proposals, step.sampling
         live = pending.rows[:batch]
         if step.discard is not None:
@@ -174,7 +182,7 @@ class CoSProposerMixin:
         log_r = core.combine(pending.target_logits, group_logits)
         layout = RowLayout.at(pending.slot)
         r = sampling.probs(step.controls.apply(log_r, layout, pending.grammar))
-        if core.schedule == "naive":
+        if core.schedule == "naive" or direct:
             new = sampling.sample(r)
         else:
             out = verify(tokens.unsqueeze(1), torch.ones_like(tokens), pending.proposal_probs.unsqueeze(1),
@@ -236,12 +244,12 @@ class CoSProposerMixin:
         hidden = self._forward(cad, num_tokens, cad.slot_mapping, first_pass=True)
         token_indices = token_indices[:batch].long()
         group_logits = self.model.member_logits(hidden[token_indices - 1])  # [M, B, V] at the proposals
-        tokens = self._verify_proposals(step, group_logits, next_token_ids, batch)
+        gamma = self._draft_length(batch, num_speculative_tokens)
+        tokens = self._verify_proposals(step, group_logits, next_token_ids, batch, direct=gamma == 0)
         if step.discard is not None:  # partial prefill chunks emitted nothing after all
             discarded = step.discard[:batch].bool().sum()
             core.stats.add("tokens_emitted", -discarded)
             core.stats.add("row_steps", -discarded)
-        gamma = self._draft_length(batch, num_speculative_tokens)
         drafts = self._draft_after(cad, hidden, token_indices, tokens, next_token_ids, step, batch,
                                    gamma, num_rejected_tokens_gpu)
         if core.metrics is not None:
@@ -257,14 +265,14 @@ class CoSProposerMixin:
         counts = self.cos_core.stats.as_dict()
         last = self._cos_last_step
         if last is not None:  # the previous step: its k, batch, time, and what it left to verify
-            t, last_batch, k, proposed, accepted = last
-            controller.observe(last_batch, k, now - t, counts["drafts_proposed"] - proposed,
-                               counts["drafts_accepted"] - accepted)
+            t, last_batch, k, accepted, rejected = last
+            controller.observe(last_batch, k, now - t, counts["drafts_accepted"] - accepted,
+                               counts["draft_rejections"] - rejected)
         before = controller.chosen()
         k = min(controller.choose(batch), max_drafts)
         if controller.chosen() != before and self.cos_core.metrics is not None:
             self.cos_core.metrics.draft_lengths(controller.chosen(), controller.acceptance)
-        self._cos_last_step = (now, batch, k, counts["drafts_proposed"], counts["drafts_accepted"])
+        self._cos_last_step = (now, batch, k, counts["drafts_accepted"], counts["draft_rejections"])
         return k
 
     def _draft_after(self, cad, hidden, token_indices, tokens, next_token_ids, step, batch, gamma,
@@ -280,13 +288,21 @@ class CoSProposerMixin:
         if gamma == 0:
             return torch.empty(batch, 0, dtype=torch.int64, device=hidden.device)
         last_hidden = hidden[token_indices]
-        if bool((tokens != next_token_ids[:batch].long()).any()):  # one host sync per step
+        changed = tokens != next_token_ids[:batch].long()  # [B]
+        num_changed = int(changed.sum())  # one host sync per step
+        void = None
+        if num_changed and num_changed * REFEED_SHARE >= batch:
             # Re-feed the verified token at the same position (overwrites the proposal's KV).
             cad.seq_lens -= 1
             cad.max_seq_len = max(cad.max_seq_len - 1, 1)
             last_hidden, positions = self._single_token_pass(cad, tokens, positions - 1, batch)
+        elif num_changed:
+            # Drafted after the proposal, not the verified token: their stashed logits are not
+            # r's inputs there, so they are never verified (the next step's first pass rewrites
+            # the KV of the verified token).
+            void = changed
         drafts, member_logits = self._draft(cad, last_hidden, positions, step.sampling, gamma, batch)
-        self.cos_core.stash.put(step.req_ids, drafts, member_logits)
+        self.cos_core.stash.put(step.req_ids, drafts, member_logits, void)
         return drafts
 
 

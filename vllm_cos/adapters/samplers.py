@@ -163,6 +163,7 @@ class CoSRejectionSampler(_CoSSamplerBase):
         stats.add("row_steps", batch)
         stats.add("drafts_proposed", usable.sum())
         stats.add("drafts_accepted", accepted.sum())
+        stats.add("draft_rejections", rejected.sum())
         stats.add("tokens_emitted", (token_ids >= 0).sum())
         return _sampler_output(token_ids, logprobs)
 

@@ -48,12 +48,17 @@ class DraftStash:
             out.append(slot)
         return out
 
-    def put(self, req_ids, drafts: torch.Tensor, member_logits: torch.Tensor) -> None:
-        """drafts [B, K] int64, member_logits [B, K, M, V] of the B requests ``req_ids``."""
+    def put(self, req_ids, drafts: torch.Tensor, member_logits: torch.Tensor,
+            void: torch.Tensor | None = None) -> None:
+        """drafts [B, K] int64, member_logits [B, K, M, V] of the B requests ``req_ids``;
+        ``void`` [B] bool: rows whose drafts must not be verified (stored as NO_DRAFT)."""
         slots = torch.tensor(self._slots(req_ids, create=True), dtype=torch.long, device=self.token_ids.device)
         k = drafts.shape[1]
+        drafts = drafts.to(self.token_ids.device)
+        if void is not None:
+            drafts = torch.where(void.to(drafts.device).unsqueeze(1), NO_DRAFT, drafts)
         self.token_ids[slots] = NO_DRAFT
-        self.token_ids[slots, :k] = drafts.to(self.token_ids.device)
+        self.token_ids[slots, :k] = drafts
         self.member_logits[slots, :k] = member_logits.to(self.member_logits.dtype)
 
     def take(self, req_ids, max_drafts: int) -> tuple[torch.Tensor, torch.Tensor]:
