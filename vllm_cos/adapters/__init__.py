@@ -21,6 +21,8 @@ SUPPORTED_VLLM = ("0.32.0",)
 # (module under vllm_cos.adapters, what it hooks).  Order is install order.
 HOOKS: list[tuple[str, str]] = [
     ("cpu_expand", "fix CPU expand_kernel stand-in (non-int64 dtypes) if the probe finds it broken"),
+    ("cpu_random_reject", "fix CPU rejection_random_sample_kernel stand-in (a -1 placeholder draft "
+                          "accepted) if the probe finds it broken"),
     ("engine_args", "EngineArgs: --speculative-config / speculative_config accept a CoS YAML file or dict"),
     ("member_stack", "ModelRegistry: CoSStandardForCausalLM (all collaborators, logits = log r) and "
                      "CoSDraftGroupForCausalLM (the drafter: every collaborator but the served one)"),
