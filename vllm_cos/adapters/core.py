@@ -11,6 +11,7 @@ import torch
 from vllm_cos.adaptive import DraftLengthController
 from vllm_cos.combine import build_combiner
 from vllm_cos.engine import draft_plan
+from vllm_cos.adapters.prompt_logprobs import PromptScores
 from vllm_cos.adapters.step import GrammarHandoff, StepChannel
 
 COUNTERS = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "draft_rejections",
@@ -70,6 +71,7 @@ class CoSCore:
         self.proposal_mode = cfg.proposal
         self.steps = StepChannel()
         self.grammar = GrammarHandoff()
+        self.prompt_scores = PromptScores()  # the group's logits at prompt tokens, for prompt logprobs of r
         self.stash = None  # DraftStash, allocated by the proposer at model load
         self.stats = CoSStats()
         self.draft_length = (DraftLengthController(len(self.plan)) if cfg.draft_length == "auto" and self.plan

@@ -38,6 +38,7 @@ import torch
 
 from vllm_cos.adapters.controls import RowLayout
 from vllm_cos.adapters.core import CoSCore
+from vllm_cos.adapters.prompt_logprobs import stash_group_scores
 from vllm_cos.adapters.samplers import CoSPlainSampler, CoSRejectionSampler
 from vllm_cos.adapters.stash import DraftStash
 from vllm_cos.engine import SUPPORTED_RUNNER, config_from_additional
@@ -242,6 +243,7 @@ class CoSProposerMixin:
             token_indices_to_sample=token_indices_to_sample, cad=common_attn_metadata,
             num_rejected_tokens_gpu=num_rejected_tokens_gpu)
         hidden = self._forward(cad, num_tokens, cad.slot_mapping, first_pass=True)
+        stash_group_scores(core, self.cos_runner, common_attn_metadata, cad, hidden, self.model.member_logits)
         token_indices = token_indices[:batch].long()
         group_logits = self.model.member_logits(hidden[token_indices - 1])  # [M, B, V] at the proposals
         gamma = self._draft_length(batch, num_speculative_tokens)

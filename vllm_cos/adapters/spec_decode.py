@@ -19,6 +19,8 @@ that do not run CoS:
   processors are refused with one line;
 * ``GPUModelRunner._update_states``: finished, aborted and preempted requests give their
   draft-stash slot back at once.
+* ``GPUModelRunner._get_prompt_logprobs_dict``: prompt logprobs of r for CoS runners
+  (:mod:`~vllm_cos.adapters.prompt_logprobs`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 
 import torch
 
+from vllm_cos.adapters.prompt_logprobs import prompt_logprobs_hook
 from vllm_cos.adapters.proposer import COS_RUNNERS, core_for_batch, make_proposer_class
 from vllm_cos.engine import config_from_additional
 
@@ -87,6 +90,8 @@ def install() -> None:
     runner_module.build_logitsprocs = logitsprocs_hook(runner_module.build_logitsprocs)
     runner_class = runner_module.GPUModelRunner
     runner_class._update_states = update_states_hook(runner_class._update_states)
+    runner_class._get_prompt_logprobs_dict = prompt_logprobs_hook(runner_class._get_prompt_logprobs_dict,
+                                                                  COS_RUNNERS)
     _installed = True
 
 
