@@ -364,3 +364,47 @@ def test_json_round_trip_and_replot(tmp_path):
     again, meta = bench.load_rows(paths["json"])
     assert [r.key() for r in again] == [r.key() for r in rows] and meta["preset"] == "test"
     assert bench.main(["--replot", str(paths["json"])]) == 0
+
+
+# ------------------------------------------------------------------ plain-PyTorch peers
+
+def test_ref_peer_rows_over_ref_standard():
+    common = dict(rule="we", param="lambda=0.5", temperature=1.0, batch=1, prompts="code")
+    rows = [Row(method="standard", tokens_per_s=80.0, **common),
+            Row(method="ref_standard", tokens_per_s=20.0, **common),
+            Row(method="mixture (reference)", tokens_per_s=30.0, **common),
+            Row(method="ref alternate", gamma=3, proposer="small", tokens_per_s=40.0, alpha=0.6, **common),
+            Row(method="alternate", gamma=3, proposer="small", tokens_per_s=160.0, **common)]
+    bench.derive(rows)
+    assert [r.speedup_vs_ref_standard for r in rows] == [None, 1.0, pytest.approx(1.5), pytest.approx(2.0), None]
+    assert rows[2].speedup_vs_standard == pytest.approx(30 / 80) and rows[3].predicted is None
+    header = bench.markdown_table(rows).splitlines()[0]
+    assert "| ×ref_std |" in header and "×ref_std" in bench.column_notes()
+    loop = [t for t in bench.targets_summary(rows) if "transformers" in t["target"]]
+    assert len(loop) == 1 and loop[0]["value"] == pytest.approx(8.0)  # engine alternate vs ref_standard only
+
+
+def test_peer_measurement_count_has_mixture_and_ref_alternate():
+    s, _ = bench.parse_args(["--quick"])
+    # per prompt set: WE lambda=0.5 T=1: 3 methods x (B=1, 8) + hf_ensemble; CD mu=0.1 T=0: ref_standard x 2
+    assert bench.count_peer_measurements(s) == (3 * 2 + 1 + 2) * 2
+    s, _ = bench.parse_args(["--quick", "--lambdas", "0.3"])
+    assert bench.count_peer_measurements(s) == (2 + 1 + 2) * 2
+
+
+def test_reference_peer_rows_run_on_tiny_models(tiny_models):
+    from vllm_cos.bench.peers import run_reference_peer
+
+    s, _ = bench.parse_args(["--quick", "--max-tokens", "6", "--repeats", "1", "--gamma", "2"])
+    models = {"target": str(tiny_models["large"]), "small": str(tiny_models["small"]),
+              "_names": {"target": "large", "small": "small", "third": None}}
+    loaded = bench._reference_models(models)
+    prompts = [[5, 6, 7], [8, 9]]
+    rows = {m: run_reference_peer(models, "we", "lambda=0.5", bench.we_rule(models, 0.5), 1.0, "code", prompts,
+                                  s, loaded, batch=b, method=m)
+            for m, b in (("ref_standard", 1), ("mixture (reference)", 1), ("ref alternate", 2))}
+    assert all(r.status == "ok" and r.tokens == 12 and r.tokens_per_s > 0 for r in rows.values())
+    assert rows["ref_standard"].extra["forwards_per_token"] == [1.0, 1.0]
+    assert sum(rows["mixture (reference)"].extra["forwards"]) == 12  # one model run per token
+    alt = rows["ref alternate"]
+    assert (alt.batch, alt.gamma, alt.proposer) == (2, 2, "small") and 0 <= alt.alpha <= 1

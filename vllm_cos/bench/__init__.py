@@ -17,8 +17,11 @@ contrastive decoding (mu in {0.1, 0.3}), temperatures 0 and 1, a gamma grid, bat
 fixed-gamma ``naive`` / ``alternate`` row of the main configurations (WE lambda=0.5, CD mu=0.1,
 3-model WE) a ``gamma: auto`` row (adaptive draft length; ``gamma`` is "auto" in the JSON).  Peers:
 ``ref_standard`` (:class:`vllm_cos.reference.ReferenceDecoder`, a plain transformers loop doing
-standard collaborative decoding with KV caches) and ``hf_ensemble`` (transformers' assisted
-generation with ``assistant_ensemble_weight``, a static 2-model ensemble verification).
+standard collaborative decoding with KV caches); for WE lambda=0.5 at T=1, in the same loop,
+``ref alternate`` (the same decoder with the bench's alternate schedule and gamma) and ``mixture
+(reference)`` (:class:`vllm_cos.mixture.MixtureDecoder`: model k ~ w, then the token from p_k),
+with their speedup over ``ref_standard`` in column ``×ref_std``; and ``hf_ensemble`` (transformers'
+assisted generation with ``assistant_ensemble_weight``, a static 2-model ensemble verification).
 
 Output (``--out``, default ``bench_out/``): ``bench.json`` (every figure and the environment),
 ``bench.md`` (tables), PNG plots (speedup vs lambda per proposer choice, vs gamma, vs batch
@@ -44,11 +47,12 @@ the forward-dominated widened models, ``--models models/wide`` from scripts/wide
 ``full``.  Durations on the 2-core dev box (1 thread): ``--preset smoke`` 40-60 s (5 engines);
 ``--quick`` was 5.8 min measured at load 1 with batch 1 and 8 only (18 engine starts, 57 engine +
 10 peer measurements); with batch 32 and the auto rows it has 25 engine starts and 120 engine +
-10 peer measurements (3 repetitions each), ~15 min estimated (not yet timed); ``--preset paper``
+18 peer measurements (3 repetitions each; 10 before mixture / ref alternate), ~15 min estimated
+(not yet timed); ``--preset paper``
 on models/wide: 19 engine starts, 44 measurements (2 repetitions), ~10-15 min estimated from a
 smoke run on the widened pair (161 s for 5 engines, 10 measurements at load 5-6); ``--full``
 57 min measured at load 1 before batch 32 for 3 models and the auto rows (57 engine starts, 321
-engine + 76 peer measurements with longer generations; now 64 starts, 384 + 76).
+engine + 76 peer measurements with longer generations; now 64 starts, 384 + 84).
 
 Theory (what ``pred (ours)`` and ``pred (paper)`` mean): :mod:`vllm_cos.bench.theory`.
 
@@ -74,7 +78,7 @@ from vllm_cos.bench.environment import (  # noqa: F401
     default_threads, load_average, maybe_reexec, performance_env, REEXEC_FLAG, _find_iomp,
     _find_tcmalloc,
 )
-from vllm_cos.bench.rows import CLOCKS, cost_ratios, derive, rate, Row, _set_timing  # noqa: F401
+from vllm_cos.bench.rows import CLOCKS, cost_ratios, derive, MIXTURE, rate, REF_PEERS, Row, _set_timing  # noqa: F401
 from vllm_cos.bench.jobs import (  # noqa: F401
     AUTO, cd_rule, cos_spec, EngineJob, job_measurements, MAIN_CONFIGS, plan, swapped_spec, we_rule, _models,
     _repo_root,
@@ -84,8 +88,8 @@ from vllm_cos.bench.engine_rows import (  # noqa: F401
     spec_counters, start_engine, _diff,
 )
 from vllm_cos.bench.peers import (  # noqa: F401
-    count_peer_measurements, hf_ensemble_available, run_hf_ensemble_peer, run_peers,
-    run_reference_peer, _hf_ensemble_once, _reference_models,
+    count_peer_measurements, hf_ensemble_available, MIXTURE_LAMBDA, MIXTURE_TEMPERATURE, run_hf_ensemble_peer,
+    run_peers, run_reference_peer, _hf_ensemble_once, _reference_models,
 )
 from vllm_cos.bench.report import (  # noqa: F401
     column_notes, COLUMN_NOTES, load_rows, markdown_table, replot, TABLE_COLUMNS, targets_summary,

@@ -29,8 +29,9 @@ TABLE_COLUMNS = [
     ("method", "method"), ("rule", "rule"), ("param", "param"), ("T", "temperature"), ("B", "batch"),
     ("prompts", "prompts"), ("proposer", "proposer"), ("γ", "gamma"), ("tok/s (wall)", "tokens_per_s"),
     ("tok/s (cpu)", "tokens_per_cpu_s"), ("×std", "speedup_vs_standard"),
-    ("×single", "speedup_vs_single"), ("tok/step", "mean_tokens_per_step"), ("α", "alpha"),
-    ("β", "beta"), ("per-pos α", "per_position"), ("c", "c"), ("pred (ours)", "predicted"),
+    ("×single", "speedup_vs_single"), ("×ref_std", "speedup_vs_ref_standard"),
+    ("tok/step", "mean_tokens_per_step"), ("α", "alpha"), ("β", "beta"), ("per-pos α", "per_position"),
+    ("c", "c"), ("pred (ours)", "predicted"),
     ("pred (paper)", "predicted_paper"), ("meas/pred", "measured_over_predicted"), ("load", "load_avg"),
     ("status", "status"),
 ]
@@ -41,6 +42,8 @@ COLUMN_NOTES = {
     "tok/s (cpu)": "generated tokens / CPU seconds of this process (best repetition; robust to other load)",
     "×std": "speedup over standard collaborative decoding of the same rule/T/B/prompts, on the {clock} clock "
             "(×single, c and the targets too)",
+    "×ref_std": "the plain-PyTorch peers (ref_standard, mixture (reference), ref alternate: the same "
+                "loop, KV caches and models) over ref_standard of the same rule/T/B/prompts, on the {clock} clock",
     "γ": "the proposer's draft length (the served model's: 1); " + PREDICTION_NOTES["auto"],
     "pred (ours)": PREDICTION_NOTES["pred (ours)"],
     "pred (paper)": PREDICTION_NOTES["pred (paper)"],
@@ -153,7 +156,8 @@ def write_plots(out_dir: str | Path, rows: list[Row]) -> list[Path] | str:
 def _plot_vs_lambda(plt, ok: list[Row], rows: list[Row], save) -> None:
     """Speedup vs lambda, one line per (method, proposer), batch 1, T=1."""
     labels = {"naive": "naive CoS (proposer {p})", "alternate": "CoS + APF (first proposer {p})",
-              "hf_ensemble": "transformers static ensemble", "ref_standard": "transformers standard loop"}
+              "hf_ensemble": "transformers static ensemble", "ref_standard": "transformers standard loop",
+              "mixture (reference)": "mixture sampling (PyTorch loop)", "ref alternate": "CoS + APF (PyTorch loop)"}
     we = [r for r in ok if r.rule == "we" and r.param.startswith("lambda=") and r.batch == 1
           and r.method in labels]
     if we:

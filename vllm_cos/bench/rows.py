@@ -7,12 +7,18 @@ from dataclasses import dataclass, field
 
 from vllm_cos.bench.theory import paper_theorem_3_1, paper_theorem_3_6, theorem_3_1, theorem_3_6
 
+MIXTURE = "mixture (reference)"  # vllm_cos.mixture.MixtureDecoder
+# the plain-PyTorch peers (vllm_cos.reference / vllm_cos.mixture), also reported over ref_standard
+REF_PEERS = ("ref_standard", MIXTURE, "ref alternate")
+
 
 @dataclass
 class Row:
     """One measurement: a method on a configuration, temperature, batch size and prompt set."""
 
-    method: str  # single | single_proposer | sd | standard | naive | alternate | ref_standard | hf_ensemble
+    # single | single_proposer | sd | standard | naive | alternate | ref_standard | ref alternate |
+    # mixture (reference) | hf_ensemble
+    method: str
     rule: str  # none | we | cd
     param: str  # e.g. "lambda=0.5", "mu=0.1", "3 models equal"
     temperature: float
@@ -34,6 +40,7 @@ class Row:
     c: float | None = None
     speedup_vs_standard: float | None = None
     speedup_vs_single: float | None = None
+    speedup_vs_ref_standard: float | None = None  # REF_PEERS rows: over ref_standard of the same key
     predicted: float | None = None  # our accounting (theory.theorem_3_1 / theorem_3_6)
     predicted_paper: float | None = None  # the paper's (theory.paper_theorem_3_1 / paper_theorem_3_6)
     measured_over_predicted: float | None = None
@@ -92,6 +99,10 @@ def derive(rows: list[Row], clock: str = "cpu") -> None:
                 r.speedup_vs_standard = rate(r, clock) / std
         elif r.method == "standard":
             r.speedup_vs_standard = 1.0
+        if r.method in REF_PEERS:
+            ref = tps("ref_standard", r.rule, r.param, r.temperature, r.batch, r.prompts)
+            if ref:
+                r.speedup_vs_ref_standard = rate(r, clock) / ref
         if r.method in ("sd", "standard", "naive", "alternate") and r.batch in c_by_batch:
             r.c = c_by_batch[r.batch]
         _predict(r)
