@@ -197,9 +197,10 @@ def run_vllm(raw_config: dict, args) -> None:
              "acceptance": cos[b]["acceptance"], "tokens_per_round": cos[b]["tokens_per_round"]}
             for b in (1, args.batch)]
     print(format_table(rows))
-    if any(r["cos"] < r["standard"] for r in rows):
-        print("\nCoS is slower here: a tiny model's forward costs little next to a CoS step's own work, so emitting\n"
-              "tokens/round tokens per served-model forward does not pay for it (README: Benchmarks).")
+    if slower := [r["label"] for r in rows if r["cos"] < r["standard"]]:
+        print(f"\nCoS is slower at {' and '.join(slower)}: a tiny model's forward costs little next to a CoS "
+              "step's own work,\nso emitting tokens/round tokens per served-model forward does not pay there "
+              "(README: Benchmarks).")
     print_text(PROMPTS, cos[1]["text"], std[1]["text"], args.temperature)
     print(f"\nvLLM's log: {log_path}")
 
