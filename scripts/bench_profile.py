@@ -107,13 +107,13 @@ def main(argv=None):
         _force_draft_length(args.drafts)
     llm = bench.start_engine(job, models, settings)
     prompts = bench.tokenize_prompts(models, settings)["code"]
-    bench.generate_timed(llm, prompts[:1], 1, args.temperature, 8, 0)  # warm-up
+    bench.generate_timed(llm, prompts[:1], 1, args.temperature, 8)  # warm-up
     cos0 = bench.cos_counters(llm)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
     tokens, *_ = bench.generate_timed(llm, prompts[:1] if args.batch == 1 else prompts, args.batch,
-                                     args.temperature, args.max_tokens, 0)
+                                     args.temperature, args.max_tokens)
     prof.disable()
     wall = time.perf_counter() - t0
     cos = bench._diff(bench.cos_counters(llm), cos0)

@@ -108,6 +108,45 @@ def r_second_token(cfg, token_ids: list[int]) -> torch.Tensor:
     return first[support] @ second
 
 
+def reference_log_r(cfg, token_ids: list[int]) -> torch.Tensor:
+    """log r [len(token_ids), vocab] at every position of ``token_ids`` (transformers models)."""
+    from transformers import AutoModelForCausalLM
+
+    from vllm_cos.combine import build_combiner
+
+    logits = []
+    for spec in cfg.models:
+        model = AutoModelForCausalLM.from_pretrained(spec.path, dtype=torch.float32)
+        with torch.no_grad():
+            logits.append(model(torch.tensor([token_ids])).logits[0])
+    return torch.log_softmax(build_combiner(cfg.rule, cfg.model_names)(torch.stack(logits)), dim=-1)
+
+
+def assert_prompt_logprobs_are_log_r(llm, prompts, log_r_of, tolerance: float = 2e-3) -> None:
+    """prompt_logprobs=5: every prompt token's logprob (and the clear top 5) is ``log_r_of(prompt)``,
+    for one request alone and for ``prompts`` as one batch (the second also asks for logprobs)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = [SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=5, logprobs=2 if i == 1 else None)
+              for i in range(len(prompts))]
+    outs = []
+    for chunk, chunk_params in ((prompts[:1], params[:1]), (prompts, params)):
+        outs += llm.generate([TokensPrompt(prompt_token_ids=p) for p in chunk], chunk_params, use_tqdm=False)
+    worst = 0.0
+    for prompt, o in zip(prompts[:1] + prompts, outs):
+        assert o.prompt_logprobs is not None and len(o.prompt_logprobs) == len(prompt)
+        assert o.prompt_logprobs[0] is None
+        log_r = log_r_of(prompt)
+        for i in range(1, len(prompt)):
+            entry, ref = o.prompt_logprobs[i], log_r[i - 1]
+            values, indices = torch.topk(ref, 6)
+            clear = [t for t, v in zip(indices[:5].tolist(), values[:5].tolist()) if v - float(values[5]) > 1e-3]
+            assert set(clear) <= set(entry), (i, clear, set(entry))
+            worst = max([worst] + [abs(entry[t].logprob - float(ref[t])) for t in clear + [prompt[i]]])
+    assert worst < tolerance, f"prompt logprobs differ from log r by {worst}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -68,3 +68,14 @@ def test_unmeasured_lengths_are_interpolated_linearly():
     c.buckets[1].cost.update({0: 1.0, 4: 3.0})
     assert c.estimated_cost(1, 2) == pytest.approx(2.0)
     assert c.estimated_cost(8, 2) is None
+
+
+def test_a_new_bucket_measures_both_ends_first():
+    c = DraftLengthController(max_drafts=4)
+    ks = []
+    for _ in range(5):
+        k = c.choose(8)
+        ks.append(k)
+        c.observe(8, k, 1.0 + k, accepted=0, rejected=8 if k else 0)
+    assert ks[:4] == [4, 4, 0, 0] and set(c.buckets[8].cost) == {0, 4}
+    assert ks[4] == 0  # nothing accepted: drafting does not pay

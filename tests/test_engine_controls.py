@@ -133,6 +133,8 @@ def test_greedy_controls_identical_to_standard(engines, tok, rule, schedule):
         assert all(valid(name, text) for _, text in outs), f"{rule}/{schedule} {name}: invalid {outs}"
     for name, (_, text) in batch:
         assert valid(name, text), f"{rule}/{schedule} batch {name}: invalid {text!r}"
+    if schedule == "auto":
+        _assert_seed_reproduces_under_load(engines.get(rule, schedule), tok)
     if schedule == "standard":
         _reference[rule] = singles, batch
         return
@@ -142,6 +144,26 @@ def test_greedy_controls_identical_to_standard(engines, tok, rule, schedule):
         assert got == want, f"{rule}/{schedule}: {name} differs from standard"
     assert [t for _, (t, _) in batch] == [t for _, (t, _) in ref_batch], \
         f"{rule}/{schedule}: the mixed batch of 16 differs from standard"
+
+
+def _assert_seed_reproduces_under_load(llm, tok):
+    """gamma: auto picks each step's drafts from the load; a seeded request's text must not
+    depend on it: alone, and among 15 unseeded requests, it is the same."""
+    from vllm import SamplingParams
+
+    prompt = tok.encode("def parse(line):\n    ", add_special_tokens=False)
+    seeded = SamplingParams(temperature=1.0, seed=99, max_tokens=40, ignore_eos=True)
+    others = SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True)
+    alone = run_params(llm, [prompt], [seeded])[0]
+    crowd = run_params(llm, [prompt] * 16, [others] * 8 + [seeded] + [others] * 7)
+    assert crowd[8] == alone and run_params(llm, [prompt], [seeded])[0] == alone
+
+
+def run_params(llm, prompts, params):
+    from vllm.inputs import TokensPrompt
+
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
 
 
 def _first_two(llm, tok, kwargs, seeds, prompt):

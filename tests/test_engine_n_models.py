@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_helpers import CODE_PROMPTS, PROMPT_FOR_SAMPLING, OneEngine, greedy, greedy_identity, r_next
+from engine_helpers import (CODE_PROMPTS, PROMPT_FOR_SAMPLING, OneEngine, assert_prompt_logprobs_are_log_r, greedy,
+                            greedy_identity, r_next, reference_log_r)
 from stats import P_THRESHOLD, chi2_pvalue
 
+from vllm_cos.config import load_config
 from vllm_cos.offline import cos_stats
 
 pytestmark = pytest.mark.engine
@@ -133,6 +135,8 @@ def test_greedy_identity_three_models(engines, tiny_models, prompts, weights, sc
         assert returned <= emitted <= returned + (len(single) + 16) * drafts_per_step
         drafts = after["drafts_proposed"] - before.get("drafts_proposed", 0)
         assert drafts > 0 and after["drafts_accepted"] <= after["drafts_proposed"]
+    cfg = load_config(cos_spec(tiny_models, weights, schedule))
+    assert_prompt_logprobs_are_log_r(llm, [prompts[i] for i in (1, 6, 13)], lambda ids: reference_log_r(cfg, ids))
 
 
 def _r_next(models, weights: str, token_ids: list[int]) -> np.ndarray:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 
 import pytest
-from engine_helpers import CODE_PROMPTS
+from engine_helpers import CODE_PROMPTS, assert_prompt_logprobs_are_log_r, reference_log_r
 
+from vllm_cos.config import load_config
 from vllm_cos.offline import shutdown_llm
 
 pytestmark = pytest.mark.engine
@@ -108,3 +109,6 @@ def test_chunked_prefill_long_prompt(llm, tiny_models, tok):
     expected = _reference(tiny_models, prompts, 24)
     got = [list(o.outputs[0].token_ids) for o in _greedy(llm, prompts, 24)]
     assert got == expected
+    # prompt logprobs of r, the long prompt scored over several prefill chunks
+    cfg = load_config(_spec(tiny_models))
+    assert_prompt_logprobs_are_log_r(llm, prompts, lambda ids: reference_log_r(cfg, ids))

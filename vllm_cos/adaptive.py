@@ -16,9 +16,10 @@ rejections): a row's drafts stop at its first rejection, so the drafts after it 
 tried (accepted / proposed would be (a + a^2 + ... + a^k) / k, biased low for k > 1 and so
 towards short drafts).  t(B, k) is a running mean of the wall time of steady steps (the
 previous step used the same k, so that the step verified k drafts and drafted k).  A k never
-measured in a bucket is estimated from the measured ones (linear in k); each bucket
-re-measures a neighbour of its best k every ``explore_every`` steps, for two steps (the second
-is the steady one).  Pure Python: no torch, no vLLM.
+measured in a bucket is estimated from the measured ones (linear in k); a new bucket first
+measures both ends (k = max and k = 0, two steps each), and every bucket re-measures a
+neighbour of its best k every ``explore_every`` steps, for two steps (the second is the steady
+one).  Pure Python: no torch, no vLLM.
 """
 
 from __future__ import annotations
@@ -85,9 +86,9 @@ class DraftLengthController:
         if state.trial:
             return state.trial.pop(0)
         rates = {k: self.rate(b, k) for k in range(self.max_drafts + 1)}
-        if rates[0] is None:  # nothing measured: start from the configured maximum
+        if rates[0] is None:  # nothing measured: two steady steps at each end, max drafts first
             state.best = self.max_drafts
-            state.trial = [self.max_drafts]
+            state.trial = [self.max_drafts, 0, 0]
             return self.max_drafts
         best = max(rates, key=lambda k: rates[k])
         state.best = best

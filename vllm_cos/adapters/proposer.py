@@ -13,7 +13,8 @@ runner's bookkeeping.  Per step:
 3. if many rows' tokens changed (a quarter of the batch or more), one single-token pass
    re-feeds them; otherwise the changed rows draft from the proposal's context and their drafts
    are voided in the stash (never verified: exact, just not accepted), which saves a pass of the
-   whole batch for a few rows.  Then the plan's members draft in turn, each from its proposal
+   whole batch for a few rows (a seeded row is always re-fed, so that its random stream does not
+   depend on the batch).  Then the plan's members draft in turn, each from its proposal
    q, and every member's logits go to the draft stash.  A step that drafts nothing draws the
    verified position straight from r (no re-feed can follow, so T's proposal buys nothing).
 
@@ -246,7 +247,7 @@ class CoSProposerMixin:
         stash_group_scores(core, self.cos_runner, common_attn_metadata, cad, hidden, self.model.member_logits)
         token_indices = token_indices[:batch].long()
         group_logits = self.model.member_logits(hidden[token_indices - 1])  # [M, B, V] at the proposals
-        gamma = self._draft_length(batch, num_speculative_tokens)
+        gamma = self._draft_length(batch, num_speculative_tokens, step.sampling.generators)
         tokens = self._verify_proposals(step, group_logits, next_token_ids, batch, direct=gamma == 0)
         if step.discard is not None:  # partial prefill chunks emitted nothing after all
             discarded = step.discard[:batch].bool().sum()
@@ -258,8 +259,10 @@ class CoSProposerMixin:
             core.metrics.publish(core.stats)
         return drafts
 
-    def _draft_length(self, batch: int, max_drafts: int) -> int:
-        """This step's number of drafts: fixed, or chosen from measured cost and acceptance."""
+    def _draft_length(self, batch: int, max_drafts: int, generators) -> int:
+        """This step's number of drafts: fixed, or chosen from measured cost and acceptance.
+        A batch with a seeded request drafts the maximum: a seed reproduces its text only if the
+        request's drafts do not depend on the load (as with a fixed gamma)."""
         controller = self.cos_core.draft_length
         if controller is None:
             return max_drafts
@@ -272,6 +275,8 @@ class CoSProposerMixin:
                                counts["draft_rejections"] - rejected)
         before = controller.chosen()
         k = min(controller.choose(batch), max_drafts)
+        if any(g is not None for g in generators[:batch]):
+            k = max_drafts
         if controller.chosen() != before and self.cos_core.metrics is not None:
             self.cos_core.metrics.draft_lengths(controller.chosen(), controller.acceptance)
         self._cos_last_step = (now, batch, k, counts["drafts_accepted"], counts["draft_rejections"])
@@ -291,9 +296,12 @@ class CoSProposerMixin:
             return torch.empty(batch, 0, dtype=torch.int64, device=hidden.device)
         last_hidden = hidden[token_indices]
         changed = tokens != next_token_ids[:batch].long()  # [B]
-        num_changed = int(changed.sum())  # one host sync per step
+        seeded = torch.tensor([g is not None for g in step.sampling.generators[:batch]],
+                              dtype=torch.bool, device=changed.device)  # [B]
+        # one host sync per step; a seeded row is never voided (its stream must not depend on the batch)
+        num_changed, seeded_changed = torch.stack([changed.sum(), (changed & seeded).sum()]).tolist()
         void = None
-        if num_changed and num_changed * REFEED_SHARE >= batch:
+        if seeded_changed or (num_changed and num_changed * REFEED_SHARE >= batch):
             # Re-feed the verified token at the same position (overwrites the proposal's KV).
             cad.seq_lens -= 1
             cad.max_seq_len = max(cad.max_seq_len - 1, 1)

@@ -76,16 +76,16 @@ def _diff(after: dict | None, before: dict | None) -> dict | None:
     return out
 
 
-def generate_timed(llm, prompts: list[list[int]], batch: int, temperature: float, max_tokens: int,
-                   seed: int) -> tuple[int, float]:
+def generate_timed(llm, prompts: list[list[int]], batch: int, temperature: float,
+                   max_tokens: int) -> tuple[int, float]:
     """Generated tokens and wall seconds: batch 1 = one request at a time over the prompts;
     batch B = B concurrent requests (prompts cycled) in one ``LLM.generate`` call."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    def params(i):
+    def params(i):  # unseeded: a seeded request makes gamma: auto draft its maximum (see the README)
         return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
-                              seed=seed + i, top_k=0 if temperature > 0 else -1)
+                              top_k=0 if temperature > 0 else -1)
 
     tokens, start, cpu = 0, time.perf_counter(), time.process_time()
     if batch == 1:
@@ -105,7 +105,7 @@ def measure_on_engine(llm, job: EngineJob, temperature: float, batch: int, promp
               prompts=prompt_set, gamma=job.gamma, proposer=None if job.method in ("single", "standard")
               else job.proposer, extra={"main_gamma": settings.gamma, "engine": job.label})
     spec0, cos0 = spec_counters(llm), cos_counters(llm)
-    runs = [generate_timed(llm, prompts, batch, temperature, settings.max_tokens, settings.seed)
+    runs = [generate_timed(llm, prompts, batch, temperature, settings.max_tokens)
             for _ in range(settings.repeats)]
     spec = _diff(spec_counters(llm), spec0)
     cos = _diff(cos_counters(llm), cos0)
@@ -145,10 +145,10 @@ def warm_up(llm, job: EngineJob, measurements: list[tuple], settings: Settings, 
     """Not timed: first-call allocations; for gamma: auto also one full generation per batch size,
     so that the draft-length controller has measured its step costs before the timed runs."""
     prompts = prompt_ids[settings.prompt_sets[0]]
-    generate_timed(llm, prompts[:1], 1, 1.0, 4, settings.seed)
+    generate_timed(llm, prompts[:1], 1, 1.0, 4)
     if job.gamma == AUTO:
         for t, b in dict.fromkeys((t, b) for t, b, _ in measurements):
-            generate_timed(llm, prompts, b, t, settings.max_tokens, settings.seed)
+            generate_timed(llm, prompts, b, t, settings.max_tokens)
 
 
 def run_engine_job(job: EngineJob, models: dict, settings: Settings, prompt_ids: dict, progress) -> list[Row]:
