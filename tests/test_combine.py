@@ -60,3 +60,15 @@ def test_custom_rule_with_a_wrong_shape_is_named():
 def test_unknown_import_path_is_reported():
     with pytest.raises(ValueError, match="cannot import"):
         build_combiner(RuleSpec(name="custom", function="nope_mod:f", inputs="probs"), ["a", "b"])
+
+
+def test_registry_builds_cosd_in_model_order():
+    from vllm_cos.combine import RULES
+    from vllm_cos.cosd import RuleVerifier, cosd_log_r
+
+    member_logits = _logits(4, shape=(2, 50, 7)) * 2
+    cosd = build_combiner(RuleSpec(name="cosd", draft="b", assistant="a", alpha=0.8, beta=0.3), ["a", "b"])
+    log_r = cosd(member_logits)
+    assert "cosd" in RULES and torch.equal(log_r, cosd_log_r(member_logits, 1, 0, RuleVerifier(0.8, 0.3)))
+    assert ((log_r == 0).sum(-1) == 1).all() and (torch.isinf(log_r).sum(-1) == 6).all()
+    assert not torch.equal(log_r.argmax(-1), member_logits[1].argmax(-1))  # some draft tokens replaced

@@ -73,6 +73,21 @@ def test_top_level_gamma_list_and_integer(model_dirs):
     assert load_config(load_config({**raw, "gamma": [2, 5]}).to_dict()).gammas == (2, 5)
 
 
+def _cosd(**rule) -> dict:
+    return {"name": "cosd", "draft": "b", "assistant": "a", **rule}
+
+
+def test_cosd_rule_defaults_and_round_trip(model_dirs):
+    cfg = load_config(base(model_dirs, rule=_cosd(), schedule="naive", proposer="b"))
+    assert (cfg.rule.draft, cfg.rule.assistant, cfg.rule.verifier) == ("b", "a", "rule")
+    assert (cfg.rule.alpha, cfg.rule.beta, cfg.rule.tree) == (0.5, 0.5, None)
+    assert cfg.to_dict()["rule"] == {"name": "cosd", "draft": "b", "assistant": "a", "verifier": "rule",
+                                     "alpha": 0.5, "beta": 0.5}
+    assert load_config(cfg.to_dict()) == cfg
+    tuned = load_config(base(model_dirs, rule=_cosd(alpha=1, beta=2.5)))
+    assert (tuned.rule.alpha, tuned.rule.beta) == (1.0, 2.5) and load_config(tuned.to_dict()) == tuned
+
+
 def _error(raw) -> ConfigError:
     with pytest.raises(ConfigError) as info:
         load_config(raw)
@@ -110,6 +125,19 @@ def _error(raw) -> ConfigError:
     (lambda r: r.update(rule={"name": "custom", "function": "torch:no_such_fn", "inputs": "probs"}), "rule.function", "no attribute"),
     (lambda r: r.update(rule={"name": "custom", "function": "torch:maximum", "inputs": "logprobs"}), "rule.inputs", "must be one of"),
     (lambda r: r.update(rule={"name": "custom", "function": "torch:maximum"}), "rule.inputs", "missing"),
+    (lambda r: r.update(rule=_cosd(draft="a")), "rule.assistant", "must differ from rule.draft"),
+    (lambda r: r.update(rule=_cosd(draft="zz")), "rule.draft", "not one of"),
+    (lambda r: r.update(rule={"name": "cosd", "draft": "b"}), "rule.assistant", "missing"),
+    (lambda r: r.update(rule=_cosd(alpha=0)), "rule.alpha", "must be in (0, 1]"),
+    (lambda r: r.update(rule=_cosd(alpha=1.5)), "rule.alpha", "must be in (0, 1]"),
+    (lambda r: r.update(rule=_cosd(beta=0)), "rule.beta", "> 0"),
+    (lambda r: r.update(rule=_cosd(beta="big")), "rule.beta", "must be a number"),
+    (lambda r: r.update(rule=_cosd(verifier="forest")), "rule.verifier", "must be one of rule, tree"),
+    (lambda r: r.update(rule=_cosd(verifier="tree", alpha=0.3)), "rule.alpha", "only with verifier: rule"),
+    (lambda r: r.update(rule=_cosd(verifier="tree")), "rule.tree", "missing"),
+    (lambda r: r.update(rule=_cosd(gamma=3)), "rule.gamma", "unknown key"),
+    (lambda r: (r["models"].append({"name": "c", "path": r["models"][0]["path"][:-1] + "c"}), r.update(rule=_cosd())),
+     "models", "exactly two models"),
     (lambda r: r.update(schedule="speculative"), "schedule", "must be one of"),
     (lambda r: r.update(target="zz"), "target", "not one of"),
     (lambda r: r.update(proposer="zz"), "proposer", "not one of"),

@@ -104,6 +104,11 @@ def _rule_line(rule) -> str:
         return "weighted_ensemble: r = " + " + ".join(f"{w:.3g} p_{n}" for n, w in rule.weights.items())
     if rule.name == "contrastive":
         return f"contrastive: r = softmax(l_{rule.expert} - {rule.mu:g} l_{rule.amateur}) (raw logits)"
+    if rule.name == "cosd":
+        how = (f"tree {rule.tree}" if rule.verifier == "tree" else
+               f"rule: y when p_{rule.draft}(x) < {rule.alpha:g} and p_{rule.assistant}(y) > {rule.beta:g} p_{rule.draft}(x)")
+        return (f"cosd: keep {rule.draft}'s top token x or take {rule.assistant}'s y ({how}); "
+                "a deterministic choice (one-hot r), not sampling")
     return f"custom: {rule.function} on {rule.inputs}, params {dict(rule.params)}"
 
 

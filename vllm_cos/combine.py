@@ -5,7 +5,8 @@ to ``combined_logits`` ``[num_tokens, vocab]``: log r up to an additive constant
 The request's temperature / top-k / top-p are applied afterwards, once, to r
 (:func:`vllm_cos.sampling.apply_sampling_params`).
 
-Rules are chosen by name from ``RULES`` or, for a user's function, by an import path
+Rules are chosen by name from ``RULES`` (``cosd``: CoSD's deterministic token choice, one-hot r;
+:mod:`vllm_cos.cosd`) or, for a user's function, by an import path
 ``module:function`` (never eval).  A custom function declares whether it takes
 probabilities or logits; it returns a tensor of the same kind, shape ``[num_tokens, vocab]``.
 """
@@ -81,6 +82,15 @@ def _build_custom(rule, model_names: list[str]) -> CombineFn:
         return torch.log(result.float()) if rule.inputs == "probs" else result.float()
 
     return combine_custom
+
+
+@register_rule("cosd")
+def _build_cosd(rule, model_names: list[str]) -> CombineFn:
+    """CoSD: log r is 0 at the verifier's choice between the draft's and the assistant's top
+    tokens, -inf elsewhere (:mod:`vllm_cos.cosd`)."""
+    from vllm_cos.cosd import build_cosd
+
+    return build_cosd(rule, model_names)
 
 
 def load_function(import_path: str) -> Callable:

@@ -32,6 +32,8 @@ DRAFT_LENGTHS = ("fixed", "auto")
 AUTO_MAX_GAMMA = 4  # gamma: auto -- each drafter drafts up to this many tokens per step
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CUSTOM_INPUTS = ("probs", "logits")
+RULE_NAMES = ("weighted_ensemble", "contrastive", "custom", "cosd")
+COSD_VERIFIERS = ("rule", "tree")
 
 
 class ConfigError(ValueError):
@@ -52,7 +54,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class RuleSpec:
-    name: str  # weighted_ensemble | contrastive | custom
+    name: str  # weighted_ensemble | contrastive | custom | cosd
     weights: Mapping[str, float] = field(default_factory=dict)  # weighted_ensemble
     expert: str | None = None  # contrastive
     amateur: str | None = None  # contrastive
@@ -60,6 +62,12 @@ class RuleSpec:
     function: str | None = None  # custom: "module:function"
     inputs: str = "probs"  # custom: probs | logits
     params: Mapping[str, Any] = field(default_factory=dict)  # custom: keyword arguments
+    draft: str | None = None  # cosd: the model whose tokens x are kept or replaced
+    assistant: str | None = None  # cosd: the model whose top token y may replace x
+    verifier: str = "rule"  # cosd: rule | tree
+    alpha: float = 0.5  # cosd rule: replace only when p_draft(x) < alpha
+    beta: float = 0.5  # cosd rule: ... and p_assist(y) > beta * p_draft(x)
+    tree: str | None = None  # cosd tree: resolved path of the tree JSON
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,10 @@ def _rule_to_dict(rule: RuleSpec) -> dict:
         return {"name": rule.name, "weights": dict(rule.weights)}
     if rule.name == "contrastive":
         return {"name": rule.name, "expert": rule.expert, "amateur": rule.amateur, "mu": rule.mu}
+    if rule.name == "cosd":
+        out = {"name": rule.name, "draft": rule.draft, "assistant": rule.assistant, "verifier": rule.verifier}
+        out.update({"tree": rule.tree} if rule.verifier == "tree" else {"alpha": rule.alpha, "beta": rule.beta})
+        return out
     return {"name": rule.name, "function": rule.function, "inputs": rule.inputs, "params": dict(rule.params)}
 
 
@@ -156,7 +168,7 @@ def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
     schedule = _choice(raw.get("schedule", "alternate"), SCHEDULES, "schedule")
     proposal = _choice(raw.get("proposal", "tempered"), PROPOSALS, "proposal")
     served = _choice(raw.get("served", "listed"), SERVED_POLICIES, "served")
-    rule = _parse_rule(raw["rule"], names)
+    rule = _parse_rule(raw["rule"], names, base_dir)
 
     proposer = raw.get("proposer")
     if proposer is None:
@@ -247,13 +259,13 @@ def _parse_models(raw, base_dir: Path) -> list[ModelSpec]:
     return models
 
 
-def _parse_rule(raw, names: list[str]) -> RuleSpec:
+def _parse_rule(raw, names: list[str], base_dir: Path) -> RuleSpec:
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, Mapping):
         raise ConfigError("rule", f"must be a mapping with a name, got {type(raw).__name__}")
     if "name" not in raw:
-        raise ConfigError("rule.name", "missing (weighted_ensemble | contrastive | custom)")
+        raise ConfigError("rule.name", f"missing ({' | '.join(RULE_NAMES)})")
     name = raw["name"]
     if name == "weighted_ensemble":
         _check_keys(raw, "rule", required={"name"}, optional={"weights"})
@@ -285,7 +297,55 @@ def _parse_rule(raw, names: list[str]) -> RuleSpec:
         if not isinstance(params, Mapping):
             raise ConfigError("rule.params", f"must be a mapping, got {type(params).__name__}")
         return RuleSpec(name=name, function=function, inputs=inputs, params=dict(params))
-    raise ConfigError("rule.name", f"unknown rule {name!r} (weighted_ensemble | contrastive | custom)")
+    if name == "cosd":
+        return _parse_cosd(raw, names, base_dir)
+    raise ConfigError("rule.name", f"unknown rule {name!r} ({' | '.join(RULE_NAMES)})")
+
+
+def _parse_cosd(raw: Mapping, names: list[str], base_dir: Path) -> RuleSpec:
+    """CoSD: a deterministic token choice between a draft and an assistant model."""
+    _check_keys(raw, "rule", required={"name", "draft", "assistant"},
+                optional={"verifier", "alpha", "beta", "tree"})
+    if len(names) != 2:
+        raise ConfigError("models", f"rule cosd needs exactly two models (draft and assistant), got {len(names)}")
+    draft, assistant = raw["draft"], raw["assistant"]
+    _check_name(draft, names, "rule.draft")
+    _check_name(assistant, names, "rule.assistant")
+    if draft == assistant:
+        raise ConfigError("rule.assistant", f"must differ from rule.draft ({draft!r})")
+    verifier = _choice(raw.get("verifier", "rule"), COSD_VERIFIERS, "rule.verifier")
+    if verifier == "rule":
+        if "tree" in raw:
+            raise ConfigError("rule.tree", "only with verifier: tree")
+        alpha = _number(raw.get("alpha", RuleSpec.alpha), "rule.alpha")
+        if not 0.0 < alpha <= 1.0:
+            raise ConfigError("rule.alpha", f"must be in (0, 1], got {alpha:g}")
+        beta = _number(raw.get("beta", RuleSpec.beta), "rule.beta")
+        if not beta > 0.0 or not math.isfinite(beta):
+            raise ConfigError("rule.beta", f"must be a finite number > 0, got {beta:g}")
+        return RuleSpec(name="cosd", draft=draft, assistant=assistant, verifier=verifier, alpha=alpha, beta=beta)
+    for key in ("alpha", "beta"):
+        if key in raw:
+            raise ConfigError(f"rule.{key}", "only with verifier: rule (a tree has its own thresholds)")
+    if "tree" not in raw:
+        raise ConfigError("rule.tree", "missing (verifier: tree needs the tree's JSON file)")
+    return RuleSpec(name="cosd", draft=draft, assistant=assistant, verifier=verifier,
+                    tree=_load_cosd_tree(raw["tree"], base_dir))
+
+
+def _load_cosd_tree(value, base_dir: Path) -> str:
+    """The resolved path of a valid tree JSON (relative paths: against the YAML file's folder)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError("rule.tree", f"must be the path of a tree JSON file, got {value!r}")
+    path = Path(os.path.expanduser(value))
+    path = (path if path.is_absolute() else base_dir / path).resolve()
+    from vllm_cos.cosd import TreeError, load_tree
+
+    try:
+        load_tree(path)
+    except TreeError as exc:
+        raise ConfigError("rule.tree", str(exc)) from None
+    return str(path)
 
 
 def _parse_weights(raw, names: list[str]) -> dict[str, float]:

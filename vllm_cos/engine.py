@@ -113,7 +113,12 @@ def parse_cli_value(value: str) -> Any:
 # ------------------------------------------------------------------ building the set-up
 
 def _resolve_paths(raw: dict, base_dir: Path) -> dict:
+    """Model paths (and a cosd rule's tree file) relative to ``base_dir`` made absolute."""
     raw = dict(raw)
+    rule = raw.get("rule")
+    if isinstance(rule, Mapping) and isinstance(rule.get("tree"), str) and rule["tree"]:
+        tree = Path(os.path.expanduser(rule["tree"]))
+        raw["rule"] = {**rule, "tree": str(tree if tree.is_absolute() else base_dir / tree)}
     models = raw.get("models")
     if isinstance(models, list):
         resolved = []

@@ -12,6 +12,8 @@ from vllm_cos.bench.theory import SERVED_GAMMA
 AUTO = "auto"  # cos.yaml ``gamma: auto``: the served model 1, the others up to 4, draft_length auto
 # the configurations that get a gamma: auto row next to each fixed-gamma naive / alternate row
 MAIN_CONFIGS = {("we", "lambda=0.5"), ("cd", "mu=0.1"), ("we", "3 models equal")}
+COSD_PRESETS = ("quick",)  # presets with the CoSD rows (vllm_cos.cosd; rule verifier, T=0)
+COSD_PARAM = "rule alpha=0.5 beta=0.5"
 
 
 @dataclass
@@ -20,7 +22,7 @@ class EngineJob:
 
     label: str
     method: str
-    rule: str  # none | we | cd
+    rule: str  # none | we | cd | cosd
     param: str
     gamma: int | str | None  # AUTO: gamma: auto
     temperatures: list[float]
@@ -91,6 +93,25 @@ def cd_rule(models: dict, mu: float) -> dict:
     return {"name": "contrastive", "expert": names["target"], "amateur": names["small"], "mu": mu}
 
 
+def cosd_rule(models: dict) -> dict:
+    """CoSD, rule verifier (alpha = beta = 0.5): the small model drafts, the served model assists."""
+    names = models["_names"]
+    return {"name": "cosd", "draft": names["small"], "assistant": names["target"], "verifier": "rule"}
+
+
+def _cosd_jobs(settings: Settings, models: dict) -> list[EngineJob]:
+    """quick: CoSD (greedy) under naive next to standard with the same rule (its "×std"), batch
+    1 and 8, first prompt set."""
+    if settings.preset not in COSD_PRESETS:
+        return []
+    batches = [b for b in settings.batch_sizes if b <= 8] or None
+    return [EngineJob(f"{schedule} cosd rule", schedule, "cosd", COSD_PARAM,
+                      None if schedule == "standard" else settings.gamma, [0.0],
+                      spec=cos_spec(models, cosd_rule(models), schedule, settings.gamma),
+                      batch_sizes=batches, prompt_sets=settings.prompt_sets[:1])
+            for schedule in ("standard", "naive") if schedule in settings.schedules]
+
+
 def plan(settings: Settings, models: dict) -> list[EngineJob]:
     temps = settings.temperatures or DEFAULT_TEMPERATURES
     rule_t = settings.rule_temperatures or {}
@@ -101,6 +122,7 @@ def plan(settings: Settings, models: dict) -> list[EngineJob]:
     if settings.swap_proposer:
         jobs += _swapped_jobs(settings, models, configs, temps, rule_t)
     jobs += _gamma_grid_jobs(settings, models, temps, rule_t)
+    jobs += _cosd_jobs(settings, models)
     if settings.three_models and "third" in models:
         jobs += _three_model_jobs(settings, models, temps, rule_t)
     return jobs
