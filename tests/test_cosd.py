@@ -62,8 +62,15 @@ def test_features_and_log_r_in_config_order():
     assert (x.item(), y.item()) == (0, 1) and len(FEATURES) == feats.shape[1] == 4
     assert torch.allclose(feats, torch.tensor([[0.4, 0.6, 0.1, 0.3]]), atol=1e-6)
     log_r = cosd_log_r(torch.stack([assist, draft]), draft=1, assistant=0, verifier=RuleVerifier())
-    assert log_r.shape == (1, VOCAB) and log_r[0, 1] == 0 and torch.isinf(log_r[0, [0, *range(2, VOCAB)]]).all()
+    assert log_r.shape == (1, VOCAB) and log_r[0, 1] == 0 and (log_r[0, [0, *range(2, VOCAB)]] < -1e3).all()
     assert torch.softmax(log_r, -1)[0, 1] == 1.0
+    # a control that masks the choice leaves the assistant's best allowed token, not an empty r
+    masked = log_r.clone()
+    masked[0, 1] = float("-inf")
+    p = torch.softmax(masked, -1)[0]
+    allowed = assist[0].clone()
+    allowed[1] = float("-inf")
+    assert torch.isfinite(p).all() and int(p.argmax()) == int(allowed.argmax())
 
 
 def _python_rule(draft_row: torch.Tensor, assist_row: torch.Tensor, alpha: float, beta: float) -> int:

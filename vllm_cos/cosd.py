@@ -117,12 +117,19 @@ def choose(draft_logits: torch.Tensor, assist_logits: torch.Tensor, verifier: Ve
     return torch.where((x != y) & verifier.picks_assistant(feats), y, x)
 
 
+# Every other token sits this far below the choice (plus the assistant's log p): r is exactly
+# one-hot after softmax (e^-10000 underflows even in float64), yet a request control that masks
+# the choice (a grammar, bad_words, allowed_token_ids) leaves the assistant's best allowed token
+# instead of an empty distribution.
+FALLBACK_OFFSET = -1.0e4
+
+
 def cosd_log_r(member_logits: torch.Tensor,  # [num_models, N, V] raw logits, config order
                draft: int, assistant: int, verifier: Verifier) -> torch.Tensor:
-    """log r [N, V]: 0 at CoSD's choice, -inf elsewhere."""
+    """log r [N, V]: 0 at CoSD's choice; FALLBACK_OFFSET + log p_assist elsewhere."""
     token = choose(member_logits[draft], member_logits[assistant], verifier)
-    out = torch.full(member_logits.shape[1:], float("-inf"), dtype=torch.float32, device=member_logits.device)
-    return out.scatter_(-1, token.unsqueeze(-1), 0.0)
+    fallback = FALLBACK_OFFSET + torch.log_softmax(member_logits[assistant].float(), dim=-1)
+    return fallback.scatter_(-1, token.unsqueeze(-1), 0.0)
 
 
 # ---------------------------------------------------------------------------- tree JSON

@@ -93,7 +93,7 @@ def derive(rows: list[Row], clock: str = "cpu") -> None:
         proposer_alone = tps("single_proposer", "none", "", r.temperature, r.batch, r.prompts)
         if single:
             r.speedup_vs_single = rate(r, clock) / single
-        if r.rule in ("we", "cd") and r.method != "standard":
+        if r.rule in ("we", "cd", "cosd") and r.method != "standard":
             std = tps("standard", r.rule, r.param, r.temperature, r.batch, r.prompts)
             if std:
                 r.speedup_vs_standard = rate(r, clock) / std
