@@ -253,6 +253,10 @@ def test_n_and_seeds(engines, models, prompts):
     others = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     batch = _generate(llm, [prompts[2], prompts[1], prompts[3]], [others, seeded, others])
     assert [list(c.token_ids) for c in batch[1].outputs] == first
+    # admitted while 64 others decode (max_num_seqs 64): its prefill shares steps with drafts
+    short = SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True)
+    late = _generate(llm, [prompts[2]] * 64 + [prompts[1]], [short] * 64 + [seeded])
+    assert [list(c.token_ids) for c in late[64].outputs] == first
     # same seed => same text (n = 1)
     single = SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=MAX_TOKENS, ignore_eos=True)
     a = _generate(llm, prompts[4:6], single)

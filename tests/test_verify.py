@@ -153,3 +153,17 @@ def test_seeded_rows_do_not_depend_on_the_batch():
                      [torch.Generator().manual_seed(seed)])
         outs.add(tuple(out.token_ids[0].tolist()))
     assert len(outs) > 1
+
+
+def test_a_seeded_row_with_nothing_to_verify_draws_nothing():
+    """A prefill row inside a batch with drafts (max_drafts > 0, its num_drafts 0, no final
+    position) must leave its generator as it would be outside that batch."""
+    q = torch.softmax(torch.stack([_dist(i) for i in range(2)]), -1).expand(2, 2, VOCAB)
+    r = torch.softmax(torch.stack([_dist(10 + i) for i in range(3)]), -1).expand(2, 3, VOCAB)
+    idle, busy = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    before_idle, before_busy = idle.get_state().clone(), busy.get_state().clone()
+    out = verify(torch.tensor([[0, 0], [1, 2]]), torch.tensor([0, 2]), q, r,
+                 torch.zeros(2, dtype=torch.bool), [idle, busy])
+    assert out.num_emitted[0] == 0
+    assert torch.equal(idle.get_state(), before_idle)
+    assert not torch.equal(busy.get_state(), before_busy)  # a row with drafts does draw

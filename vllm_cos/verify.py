@@ -50,12 +50,16 @@ def verify(
     rows = torch.arange(batch, device=device)
     num_drafts = num_drafts.to(device=device, dtype=torch.int64)
 
-    # Two uniforms per position and row: one to accept, one to sample.  A seeded row
-    # draws exactly 2 * (num_drafts + 1) numbers from its own generator.
+    # Two uniforms per position and row: one to accept, one to sample.  A seeded row draws
+    # exactly 2 * (num_drafts + 1) numbers from its own generator, or none when it has nothing
+    # to verify and no final position (it emits nothing here), so that its stream does not
+    # depend on whether other rows of the batch had drafts.
     uniforms = torch.rand(batch, max_drafts + 1, 2, dtype=torch.float64, device=device)
-    seeded = [b for b, g in enumerate(generators or []) if g is not None]
+    drafts_per_row, final_per_row = num_drafts.tolist(), has_final.tolist()
+    seeded = [b for b, g in enumerate(generators or []) if g is not None
+              and (drafts_per_row[b] > 0 or final_per_row[b])]
     if seeded:
-        counts = [2 * (int(num_drafts[b]) + 1) for b in seeded]
+        counts = [2 * (drafts_per_row[b] + 1) for b in seeded]
         for b, count, u in zip(seeded, counts, draw_uniforms(counts, [generators[b] for b in seeded], device)):
             uniforms[b, : count // 2] = u.view(-1, 2)
     accept_u, sample_u = uniforms[..., 0], uniforms[..., 1]  # [batch, max_drafts + 1]
