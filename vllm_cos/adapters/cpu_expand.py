@@ -211,7 +211,7 @@ def install() -> bool:
         "vllm-cos: applied CPU expand_kernel fix (vLLM's stand-in returned uninitialised "
         "memory for a float32 expansion; rejection sampling at T>0 was wrong)"
         + (" [re-pointed the already registered kernel override]" if rewired else ""))
-    if _vllm_logging_configured():
+    if vllm_logging_configured():
         _log_applied()
     # else: vLLM configures its logging later (general plugins load first in the LLM and API
     # server processes); the line is then printed on the first expansion in this process.
@@ -223,15 +223,21 @@ def install() -> bool:
     return True
 
 
-def _vllm_logging_configured() -> bool:
+def vllm_logging_configured() -> bool:
+    """vLLM has set up its "vllm" logger (so an INFO line now is printed with its handler)."""
     root = logging.getLogger("vllm")
     return bool(root.handlers) or not root.propagate
 
 
-def _log_applied() -> None:
-    message = _state.pop("message", None)
+def log_pending(state: dict, log: logging.Logger) -> None:
+    """Print a fix's pending "applied" line once (shared by the CPU kernel fixes)."""
+    message = state.pop("message", None)
     if message is not None:
-        logger.info(message)
+        log.info(message)
+
+
+def _log_applied() -> None:
+    log_pending(_state, logger)
 
 
 def is_installed() -> bool:

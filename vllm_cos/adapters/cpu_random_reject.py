@@ -47,6 +47,8 @@ import sys
 
 import torch
 
+from vllm_cos.adapters.cpu_expand import log_pending, vllm_logging_configured
+
 # A child of vLLM's "vllm" logger, so the one INFO line is printed with vLLM's own handler.
 logger = logging.getLogger("vllm.vllm_cos.adapters.cpu_random_reject")
 
@@ -279,7 +281,7 @@ def install() -> bool:
         "vllm-cos: applied CPU rejection_random_sample_kernel fix (vLLM's stand-in accepted a "
         "placeholder draft id -1 by reading the neighbouring row's probability)"
         + (" [re-pointed the already registered kernel override]" if rewired else ""))
-    if _vllm_logging_configured():
+    if vllm_logging_configured():
         _log_applied()
     # else: printed on the first rejection step in this process (see cpu_expand).
     kernel = _registered_kernel()
@@ -290,15 +292,8 @@ def install() -> bool:
     return True
 
 
-def _vllm_logging_configured() -> bool:
-    root = logging.getLogger("vllm")
-    return bool(root.handlers) or not root.propagate
-
-
 def _log_applied() -> None:
-    message = _state.pop("message", None)
-    if message is not None:
-        logger.info(message)
+    log_pending(_state, logger)
 
 
 def is_installed() -> bool:
