@@ -79,3 +79,37 @@ def test_a_new_bucket_measures_both_ends_first():
         c.observe(8, k, 1.0 + k, accepted=0, rejected=8 if k else 0)
     assert ks[:4] == [4, 4, 0, 0] and set(c.buckets[8].cost) == {0, 4}
     assert ks[4] == 0  # nothing accepted: drafting does not pay
+
+
+def _explorations(c: DraftLengthController, batch: int, cost, steps: int) -> list[int]:
+    """Step indices at which the controller left its best k (a re-measurement started)."""
+    starts, previous_trial = [], False
+    for i in range(steps):
+        k = c.choose(batch)
+        state = c.buckets[bucket_of(batch)]
+        in_trial = bool(state.trial) or (i > 4 and k != state.best)
+        if in_trial and not previous_trial:
+            starts.append(i)
+        previous_trial = in_trial
+        c.observe(batch, k, cost(k), accepted=0, rejected=batch if k else 0)
+    return starts
+
+
+def test_confirmed_best_is_re_measured_ever_less_often():
+    c = DraftLengthController(max_drafts=4, explore_every=32)
+    starts = _explorations(c, 32, lambda k: 1.0 + k, steps=4000)
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert c.chosen()[32] == 0
+    assert gaps[0] <= 40 and max(gaps) <= 16 * 32 + 8  # doubling, capped
+    assert gaps == sorted(gaps) and gaps[-1] >= 8 * 32  # never more often again while confirmed
+
+
+def test_a_new_best_resets_the_interval():
+    c = DraftLengthController(max_drafts=4, explore_every=32)
+    _explorations(c, 8, lambda k: 1.0 + k, steps=2000)  # best 0, interval grown
+    assert c.buckets[8].interval > 32
+    c.buckets[8].best = 3  # as if the costs had moved and k = 3 had won
+    c.buckets[8].next_explore = c.buckets[8].steps
+    c.buckets[8].explored_from = 0
+    c._explore(c.buckets[8], 3)
+    assert c.buckets[8].interval == 32

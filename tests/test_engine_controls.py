@@ -122,12 +122,12 @@ def greedy_runs(llm, tok):
 
 
 _reference: dict = {}
-GREEDY_ORDER = [("we", "standard"), ("we", "alternate"), ("we", "naive"), ("we", "auto"), ("cd", "standard"),
-                ("cd", "alternate"), ("we3", "standard"), ("we3", "alternate")]
+GREEDY_ORDER = [("we", "standard"), ("we", "alternate"), ("we", "naive"), ("we", "auto"), ("we3", "standard"),
+                ("we3", "alternate"), ("cd", "standard"), ("cd", "alternate"), ("cd", "auto")]
 
 
 @pytest.mark.parametrize("rule,schedule", GREEDY_ORDER, ids=[f"{r}-{s}" for r, s in GREEDY_ORDER])
-def test_greedy_controls_identical_to_standard(engines, tok, rule, schedule):
+def test_greedy_controls_identical_to_standard(engines, tok, forced_draft_lengths, rule, schedule):
     singles, batch = greedy_runs(engines.get(rule, schedule), tok)
     for name, outs in singles.items():
         assert all(valid(name, text) for _, text in outs), f"{rule}/{schedule} {name}: invalid {outs}"
@@ -135,6 +135,7 @@ def test_greedy_controls_identical_to_standard(engines, tok, rule, schedule):
         assert valid(name, text), f"{rule}/{schedule} batch {name}: invalid {text!r}"
     if schedule == "auto":
         _assert_seed_reproduces_under_load(engines.get(rule, schedule), tok)
+        _assert_fused_steps_give_standard(engines.get(rule, schedule), tok, forced_draft_lengths, rule)
     if schedule == "standard":
         _reference[rule] = singles, batch
         return
@@ -144,6 +145,71 @@ def test_greedy_controls_identical_to_standard(engines, tok, rule, schedule):
         assert got == want, f"{rule}/{schedule}: {name} differs from standard"
     assert [t for _, (t, _) in batch] == [t for _, (t, _) in ref_batch], \
         f"{rule}/{schedule}: the mixed batch of 16 differs from standard"
+
+
+# gamma: auto with the controller's choice forced (in-process engine): every step 0 drafts, so
+# every step after the first is fused (vllm_cos.adapters.fusion), or a pattern that moves
+# between fused steps and drafting ones (the drafting step after a fused one re-feeds first).
+FORCED = {"fused": [0], "fused-mixed": [0, 0, 3, 0, 1, 0, 0, 4, 2]}
+
+
+@pytest.fixture
+def forced_draft_lengths(monkeypatch):
+    import itertools
+
+    from vllm_cos.adaptive import DraftLengthController
+
+    def force(name: str) -> None:
+        ks = itertools.cycle(FORCED[name])
+        monkeypatch.setattr(DraftLengthController, "choose", lambda self, batch: min(next(ks), self.max_drafts))
+    return force
+
+
+def _fused_steps(llm) -> int:
+    from vllm_cos.offline import cos_stats
+
+    return sum(s["fused_steps"] for s in cos_stats(llm) if s)
+
+
+def _assert_fused_steps_give_standard(llm, tok, force, rule):
+    """Verify-only steps fused into the served forward give standard's text under every
+    control, all fused and mixed with drafting steps."""
+    ref_singles, ref_batch = _reference[rule]
+    for pattern in FORCED:
+        force(pattern)
+        before = _fused_steps(llm)
+        singles, batch = greedy_runs(llm, tok)
+        assert _fused_steps(llm) - before >= 60, f"{pattern}: the forced 0-draft steps were not fused"
+        for name in singles:
+            got, want = [t for t, _ in singles[name]], [t for t, _ in ref_singles[name]]
+            assert got == want, f"{rule}/{pattern}: {name} differs from standard"
+        assert [t for _, (t, _) in batch] == [t for _, (t, _) in ref_batch], \
+            f"{rule}/{pattern}: the mixed batch of 16 differs from standard"
+
+
+def test_fused_second_token_is_r(engines, tok, forced_draft_lengths, tiny_models):
+    """Fused steps draw from r: the second token of NUM_SAMPLES unseeded requests (one batch)
+    follows its marginal under r (chi-square), all fused and mixed with drafting steps."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from engine_helpers import r_second_token
+    from stats import chi2_pvalue
+    from vllm_cos.config import load_config
+
+    llm = engines.get("cd", "auto")
+    prompt = tok.encode("    if x is ", add_special_tokens=False)
+    expected = r_second_token(load_config(cos_spec(tiny_models, "cd", "auto")), prompt).numpy()
+    for pattern in FORCED:
+        forced_draft_lengths(pattern)
+        before = _fused_steps(llm)
+        params = [SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True) for _ in range(NUM_SAMPLES)]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * NUM_SAMPLES, params, use_tqdm=False)
+        assert _fused_steps(llm) > before, f"{pattern}: no step was fused"
+        counts = Counter(o.outputs[0].token_ids[1] for o in outs)
+        observed = [counts.get(t, 0) for t in range(len(expected))]
+        p_value = chi2_pvalue(observed, expected)
+        assert p_value > P_THRESHOLD, f"{pattern}: second token, chi-square p = {p_value:.2e}"
 
 
 def _assert_seed_reproduces_under_load(llm, tok):

@@ -19,7 +19,7 @@ previous step used the same k, so that the step verified k drafts and drafted k)
 measured in a bucket is estimated from the measured ones (linear in k); a new bucket first
 measures both ends (k = max and k = 0, two steps each), and every bucket re-measures a
 neighbour of its best k every ``explore_every`` steps, for two steps (the second is the steady
-one).  Pure Python: no torch, no vLLM.
+one); the interval doubles while the re-measurements confirm the best k (at most 16x).  Pure Python: no torch, no vLLM.
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class _Bucket:
     best: int | None = None
     steps: int = 0
     trial: list[int] = field(default_factory=list)  # ks still to run for a re-measurement
+    interval: int = 0  # steps between re-measurements (0: not set yet)
+    next_explore: int = 0  # the step count of the next re-measurement
+    explored_from: int | None = None  # the best k when the last re-measurement started
 
 
 @dataclass
@@ -89,16 +92,29 @@ class DraftLengthController:
         if rates[0] is None:  # nothing measured: two steady steps at each end, max drafts first
             state.best = self.max_drafts
             state.trial = [self.max_drafts, 0, 0]
+            state.next_explore = self.explore_every
             return self.max_drafts
         best = max(rates, key=lambda k: rates[k])
         state.best = best
-        if state.steps % self.explore_every == 0:
-            unmeasured = [k for k in range(self.max_drafts + 1) if k not in state.cost]
-            neighbour = unmeasured[0] if unmeasured else (best + 1 if best < self.max_drafts else best - 1)
-            neighbour = min(max(neighbour, 0), self.max_drafts)
-            state.trial = [neighbour]  # this step and the next: the second one is steady
-            return neighbour
+        if state.steps >= state.next_explore:
+            return self._explore(state, best)
         return best
+
+    def _explore(self, state: _Bucket, best: int) -> int:
+        """Re-measure a neighbour of the best k for two steps (the second is steady).  While
+        re-measurements keep confirming the same best k the interval doubles (up to 16x
+        ``explore_every``): each one costs steps off the best k."""
+        if state.explored_from == best and state.interval:
+            state.interval = min(state.interval * 2, 16 * self.explore_every)
+        else:
+            state.interval = self.explore_every
+        state.explored_from = best
+        state.next_explore = state.steps + state.interval
+        unmeasured = [k for k in range(self.max_drafts + 1) if k not in state.cost]
+        neighbour = unmeasured[0] if unmeasured else (best + 1 if best < self.max_drafts else best - 1)
+        neighbour = min(max(neighbour, 0), self.max_drafts)
+        state.trial = [neighbour]
+        return neighbour
 
     def observe(self, batch: int, k: int, seconds: float, accepted: int, rejected: int) -> None:
         """One finished step: its k, wall time, the drafts it accepted and the number of rows

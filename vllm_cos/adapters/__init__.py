@@ -28,7 +28,8 @@ HOOKS: list[tuple[str, str]] = [
                      "CoSDraftGroupForCausalLM (the drafter: every collaborator but the served one)"),
     ("spec_decode", "gpu_model_runner: DraftModelProposer -> CoSProposer (installs the CoS samplers), "
                     "apply_grammar_bitmask (mask to r), build_logitsprocs (builtins for r), "
-                    "GPUModelRunner._update_states (stash slots freed), "
+                    "GPUModelRunner._update_states (stash slots freed, step planned fused or not), "
+                    "GPUModelRunner._model_forward (a fused step runs the draft group too), "
                     "GPUModelRunner._get_prompt_logprobs_dict (prompt logprobs of r)"),
     ("request_checks", "InputProcessor._validate_params / SamplingParams._validate_spec_decode: min_p and "
                        "logit_bias allowed for CoS, thinking_token_budget refused per request"),

@@ -11,11 +11,12 @@ import torch
 from vllm_cos.adaptive import DraftLengthController
 from vllm_cos.combine import build_combiner
 from vllm_cos.engine import draft_plan
+from vllm_cos.adapters.fusion import FusedGroup
 from vllm_cos.adapters.prompt_logprobs import PromptScores
 from vllm_cos.adapters.step import GrammarHandoff, StepChannel
 
 COUNTERS = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "draft_rejections",
-            "served_proposed", "served_accepted", "tokens_emitted", "row_steps")
+            "served_proposed", "served_accepted", "tokens_emitted", "row_steps", "fused_steps")
 
 
 class CoSStats:
@@ -25,7 +26,8 @@ class CoSStats:
     passes; drafts_proposed / drafts_accepted: the group's drafts verified against r;
     draft_rejections: rows whose drafts met a rejection (the drafts after it were never tried);
     served_proposed / served_accepted: the served model's proposals verified by the group;
-    tokens_emitted; row_steps: (request, step) pairs = verification rounds.
+    tokens_emitted; row_steps: (request, step) pairs = verification rounds; fused_steps: steps whose
+    group ran inside the served model's forward (:mod:`vllm_cos.adapters.fusion`).
     """
 
     def __init__(self, **initial: int):
@@ -71,6 +73,7 @@ class CoSCore:
         self.proposal_mode = cfg.proposal
         self.steps = StepChannel()
         self.grammar = GrammarHandoff()
+        self.fusion = FusedGroup()  # gamma: auto -- verify-only steps fused into the served forward
         self.prompt_scores = PromptScores()  # the group's logits at prompt tokens, for prompt logprobs of r
         self.stash = None  # DraftStash, allocated by the proposer at model load
         self.stats = CoSStats()

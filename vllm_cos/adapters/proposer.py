@@ -238,6 +238,11 @@ class CoSProposerMixin:
         batch = common_attn_metadata.batch_size()
         req_ids = tuple(self.cos_runner.input_batch.req_ids[:batch])
         step = core.steps.consume(req_ids)
+        if step.fused:
+            return self._propose_after_fused(step, batch, num_speculative_tokens, target_token_ids,
+                                             next_token_ids, target_positions, target_hidden_states,
+                                             token_indices_to_sample, common_attn_metadata,
+                                             num_rejected_tokens_gpu)
         num_tokens, token_indices, cad = self.set_inputs_first_pass(
             target_token_ids=target_token_ids, next_token_ids=next_token_ids,
             target_positions=target_positions, target_hidden_states=target_hidden_states,
@@ -249,15 +254,41 @@ class CoSProposerMixin:
         group_logits = self.model.member_logits(hidden[token_indices - 1])  # [M, B, V] at the proposals
         gamma = self._draft_length(batch, num_speculative_tokens, step.sampling.generators)
         tokens = self._verify_proposals(step, group_logits, next_token_ids, batch, direct=gamma == 0)
-        if step.discard is not None:  # partial prefill chunks emitted nothing after all
-            discarded = step.discard[:batch].bool().sum()
-            core.stats.add("tokens_emitted", -discarded)
-            core.stats.add("row_steps", -discarded)
-        drafts = self._draft_after(cad, hidden, token_indices, tokens, next_token_ids, step, batch,
-                                   gamma, num_rejected_tokens_gpu)
+        self._uncount_discarded(step, batch)
+        drafts = self._draft_after(cad, hidden[token_indices], token_indices, tokens, next_token_ids, step,
+                                   batch, gamma, num_rejected_tokens_gpu)
         if core.metrics is not None:
             core.metrics.publish(core.stats)
         return drafts
+
+    def _propose_after_fused(self, step, batch, num_speculative_tokens, target_token_ids, next_token_ids,
+                             target_positions, target_hidden_states, token_indices_to_sample,
+                             common_attn_metadata, num_rejected_tokens_gpu):
+        """A fused step's tokens are final (drawn from r; the group has scored the step's
+        tokens): draft only if the controller now wants drafts, after re-feeding them."""
+        core = self.cos_core
+        gamma = self._draft_length(batch, num_speculative_tokens, step.sampling.generators)
+        self._uncount_discarded(step, batch)
+        if gamma == 0:
+            drafts = torch.empty(batch, 0, dtype=torch.int64, device=next_token_ids.device)
+        else:
+            _, token_indices, cad = self.set_inputs_first_pass(
+                target_token_ids=target_token_ids, next_token_ids=next_token_ids,
+                target_positions=target_positions, target_hidden_states=target_hidden_states,
+                token_indices_to_sample=token_indices_to_sample, cad=common_attn_metadata,
+                num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+            drafts = self._draft_after(cad, None, token_indices[:batch].long(), next_token_ids[:batch].long(),
+                                       next_token_ids, step, batch, gamma, num_rejected_tokens_gpu)
+        if core.metrics is not None:
+            core.metrics.publish(core.stats)
+        return drafts
+
+    def _uncount_discarded(self, step, batch: int) -> None:
+        """Partial prefill chunks emitted nothing after all."""
+        if step.discard is not None:
+            discarded = step.discard[:batch].bool().sum()
+            self.cos_core.stats.add("tokens_emitted", -discarded)
+            self.cos_core.stats.add("row_steps", -discarded)
 
     def _draft_length(self, batch: int, max_drafts: int, generators) -> int:
         """This step's number of drafts: fixed, or chosen from measured cost and acceptance.
@@ -277,14 +308,17 @@ class CoSProposerMixin:
         k = min(controller.choose(batch), max_drafts)
         if any(g is not None for g in generators[:batch]):
             k = max_drafts
+        self.cos_core.fusion.wanted = k == 0  # the next step may then fuse (vllm_cos.adapters.fusion)
         if controller.chosen() != before and self.cos_core.metrics is not None:
             self.cos_core.metrics.draft_lengths(controller.chosen(), controller.acceptance)
         self._cos_last_step = (now, batch, k, counts["drafts_accepted"], counts["draft_rejections"])
         return k
 
-    def _draft_after(self, cad, hidden, token_indices, tokens, next_token_ids, step, batch, gamma,
+    def _draft_after(self, cad, last_hidden, token_indices, tokens, next_token_ids, step, batch, gamma,
                      num_rejected_tokens_gpu):
-        """From the verified tokens on: one token per row, the plan's drafts, the stash."""
+        """From the verified tokens on: one token per row, the plan's drafts, the stash.
+        ``last_hidden`` [B, H]: the first pass's hidden states at the proposals; None after a
+        fused step (no first pass ran: every row is re-fed)."""
         positions = self.positions[token_indices].clone()
         cad.num_actual_tokens = batch
         cad.max_query_len = 1
@@ -293,15 +327,14 @@ class CoSProposerMixin:
         if num_rejected_tokens_gpu is not None:
             cad.seq_lens -= num_rejected_tokens_gpu
         if gamma == 0:
-            return torch.empty(batch, 0, dtype=torch.int64, device=hidden.device)
-        last_hidden = hidden[token_indices]
+            return torch.empty(batch, 0, dtype=torch.int64, device=tokens.device)
         changed = tokens != next_token_ids[:batch].long()  # [B]
         seeded = torch.tensor([g is not None for g in step.sampling.generators[:batch]],
                               dtype=torch.bool, device=changed.device)  # [B]
         # one host sync per step; a seeded row is never voided (its stream must not depend on the batch)
         num_changed, seeded_changed = torch.stack([changed.sum(), (changed & seeded).sum()]).tolist()
         void = None
-        if seeded_changed or (num_changed and num_changed * REFEED_SHARE >= batch):
+        if last_hidden is None or seeded_changed or (num_changed and num_changed * REFEED_SHARE >= batch):
             # Re-feed the verified token at the same position (overwrites the proposal's KV).
             cad.seq_lens -= 1
             cad.max_seq_len = max(cad.max_seq_len - 1, 1)

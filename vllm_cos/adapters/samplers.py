@@ -15,7 +15,8 @@ Terms, per request (row), T = the served model, G = the draft group:
   (:class:`~vllm_cos.adapters.step.CoSStep`).  vLLM's bonus token has no counterpart here.
 
 Both samplers open the step's :class:`~vllm_cos.adapters.step.CoSStep`; the math is
-:func:`vllm_cos.verify.verify`.
+:func:`vllm_cos.verify.verify`.  A *fused* step (:mod:`vllm_cos.adapters.fusion`: no drafts,
+the group ran inside the served model's forward) draws each request's token straight from r.
 
 vLLM internals touched: ``SpecDecodeMetadata`` (``num_draft_tokens``, ``max_spec_len``,
 ``draft_token_ids``, ``target_logits_indices``, ``bonus_logits_indices``), ``SamplerOutput``,
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_cos.adapters.controls import Controls, RowLayout, RowSampling
-from vllm_cos.adapters.step import ServedProposals
+from vllm_cos.adapters.step import ServedProposals, StepInvariantError
 from vllm_cos.verify import verify
 
 
@@ -61,6 +62,29 @@ class _CoSSamplerBase:
         controls = Controls(sampling_metadata, batch, self._core.tokenizer_size, device)
         return req_ids, controls, RowSampling(sampling_metadata, batch, device, controls.min_p)
 
+    def _sample_fused(self, logits, group_logits, grammar, sampling_metadata):
+        """A fused step (:mod:`vllm_cos.adapters.fusion`): the next token straight from r, built
+        from T's logits [B, V] and the group's [M, B, V] at each request's last token."""
+        core = self._core
+        batch, device = logits.shape[0], logits.device
+        req_ids, controls, sampling = self._batch_state(sampling_metadata, batch, device)
+        log_r = core.combine(core.crop(logits), group_logits)
+        grammar = None if grammar is None else core.crop(grammar)
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        r = sampling.probs(controls.apply(log_r, RowLayout.at(zeros), grammar))
+        token = sampling.sample(r)
+        rows = None
+        if sampling_metadata.max_num_logprobs is not None:
+            k = sampling_metadata.max_num_logprobs
+            rows = LogprobRows(core.logprob_rows(log_r, r, token, k), 1, k)
+        nothing = ServedProposals(rows=torch.zeros(batch, dtype=torch.bool, device=device), slot=zeros,
+                                  target_logits=log_r, proposal_probs=r, grammar=grammar)
+        core.steps.open(req_ids, nothing, controls, sampling, rows, fused=True)
+        for name in ("tokens_emitted", "row_steps"):
+            core.stats.add(name, batch)
+        core.stats.add("steps", 1)
+        return _sampler_output(token.unsqueeze(1), rows)
+
     def _propose(self, target_logits, position, grammar, controls, sampling):
         """T's proposal at ``position`` [B]: (token [B], proposal probs [B, V])."""
         proposal = sampling.probs(controls.apply(target_logits, RowLayout.at(position), grammar))
@@ -73,6 +97,9 @@ class CoSPlainSampler(_CoSSamplerBase):
     def __call__(self, logits: torch.Tensor, sampling_metadata, **kwargs):
         core = self._core
         grammar = core.grammar.take(logits)
+        fused = core.fusion.take(logits.shape[0])
+        if fused is not None:
+            return self._sample_fused(logits, fused, grammar, sampling_metadata)
         batch, device = logits.shape[0], logits.device
         req_ids, controls, sampling = self._batch_state(sampling_metadata, batch, device)
         target = core.crop(logits)
@@ -121,6 +148,12 @@ class CoSRejectionSampler(_CoSSamplerBase):
         grammar = core.grammar.take(logits)
         device, vocab = logits.device, core.tokenizer_size
         batch, k = len(metadata.num_draft_tokens), metadata.max_spec_len
+        fused = core.fusion.take(batch)
+        if fused is not None:
+            if k or logits.shape[0] != batch:
+                raise StepInvariantError("fused-no-drafts", f"a fused step has {sum(metadata.num_draft_tokens)} "
+                                         f"scheduled drafts; only verify-only steps are fused")
+            return self._sample_fused(logits, fused, grammar, sampling_metadata)
         req_ids, controls, sampling = self._batch_state(sampling_metadata, batch, device)
         row_index, scheduled, counts = draft_grid(metadata, device)
         target_rows = core.crop(logits[row_index.view(-1)]).view(batch, k + 1, vocab)

@@ -18,7 +18,10 @@ that do not run CoS:
   (min_tokens, logit_bias, min_p: CoS applies them to r) instead of min_tokens alone; custom
   processors are refused with one line;
 * ``GPUModelRunner._update_states``: finished, aborted and preempted requests give their
-  draft-stash slot back at once.
+  draft-stash slot back at once; then the step is planned fused or not
+  (:mod:`~vllm_cos.adapters.fusion`);
+* ``GPUModelRunner._model_forward``: a fused step runs the draft group in the served model's
+  forward context too.
 * ``GPUModelRunner._get_prompt_logprobs_dict``: prompt logprobs of r for CoS runners
   (:mod:`~vllm_cos.adapters.prompt_logprobs`).
 """
@@ -29,6 +32,7 @@ import logging
 
 import torch
 
+from vllm_cos.adapters.fusion import fusable, model_forward_hook
 from vllm_cos.adapters.prompt_logprobs import prompt_logprobs_hook
 from vllm_cos.adapters.proposer import COS_RUNNERS, core_for_batch, make_proposer_class
 from vllm_cos.engine import config_from_additional
@@ -75,7 +79,10 @@ def update_states_hook(stock):
         if core is not None and core.stash is not None:
             core.stash.free(scheduler_output.finished_req_ids)
             core.stash.free(getattr(scheduler_output, "preempted_req_ids", None) or ())
-        return stock(self, scheduler_output)
+        out = stock(self, scheduler_output)
+        if core is not None:
+            core.fusion.plan(core.fusion.wanted and fusable(self, scheduler_output))
+        return out
     return _update_states
 
 
@@ -90,6 +97,7 @@ def install() -> None:
     runner_module.build_logitsprocs = logitsprocs_hook(runner_module.build_logitsprocs)
     runner_class = runner_module.GPUModelRunner
     runner_class._update_states = update_states_hook(runner_class._update_states)
+    runner_class._model_forward = model_forward_hook(runner_class._model_forward, COS_RUNNERS)
     runner_class._get_prompt_logprobs_dict = prompt_logprobs_hook(runner_class._get_prompt_logprobs_dict,
                                                                   COS_RUNNERS)
     _installed = True

@@ -56,6 +56,7 @@ class CoSStep:
     logprobs: Any = None  # LogprobRows to refill with r at the proposals' slots
     sampled: torch.Tensor | None = None  # [B, K+1] the runner's sampled-token tensor
     discard: torch.Tensor | None = None  # [B] bool, partial-prefill rows that emit nothing
+    fused: bool = False  # drawn straight from r (vllm_cos.adapters.fusion): nothing to verify
     consumed: bool = False
 
     @property
@@ -70,14 +71,15 @@ class StepChannel:
     current: CoSStep | None = None
     opened: int = 0
 
-    def open(self, req_ids, proposals: ServedProposals, controls, sampling, logprobs=None) -> CoSStep:
+    def open(self, req_ids, proposals: ServedProposals, controls, sampling, logprobs=None,
+             fused: bool = False) -> CoSStep:
         previous = self.current
         if previous is not None and not previous.consumed and not previous.profiling:
             raise StepInvariantError(
                 "proposals-consumed", f"step {previous.index} ({len(previous.req_ids)} requests) was sampled "
                 f"but its proposer never ran; its served-model proposals would be emitted unverified")
         self.opened += 1
-        self.current = CoSStep(self.opened, tuple(req_ids), proposals, controls, sampling, logprobs)
+        self.current = CoSStep(self.opened, tuple(req_ids), proposals, controls, sampling, logprobs, fused=fused)
         return self.current
 
     def attach_sampled(self, sampled: torch.Tensor, discard: torch.Tensor | None) -> None:

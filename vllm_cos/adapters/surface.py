@@ -53,6 +53,8 @@ _SPEC_DECODE = [
           ("vllm_config", "device", "is_pin_memory", "is_pooling_model", "custom_logitsprocs"), "spec_decode"),
     Entry(_RUNNER, "GPUModelRunner", "class", None, "spec_decode"),
     Entry(_RUNNER, "GPUModelRunner._update_states", "method", ("scheduler_output",), "spec_decode"),
+    Entry(_RUNNER, "GPUModelRunner._model_forward", "method",
+          ("input_ids", "positions", "intermediate_tensors", "inputs_embeds", "**model_kwargs"), "spec_decode, fusion"),
     Entry(_RUNNER, "GPUModelRunner._get_prompt_logprobs_dict", "method",
           ("hidden_states", "num_scheduled_tokens"), "spec_decode, prompt_logprobs"),
     Entry(_RUNNER, "GPUModelRunner._input_fits_in_drafter", "method", ("common_attn_metadata",), "proposer"),
@@ -61,6 +63,7 @@ _SPEC_DECODE = [
     Entry("vllm.v1.sample.logits_processor", "BUILTIN_LOGITS_PROCESSORS", "attribute", None, "spec_decode"),
     Entry("vllm.v1.core.sched.output", "SchedulerOutput.finished_req_ids", "attribute", None, "spec_decode"),
     Entry("vllm.v1.core.sched.output", "SchedulerOutput.preempted_req_ids", "attribute", None, "spec_decode"),
+    Entry("vllm.v1.core.sched.output", "SchedulerOutput.scheduled_spec_decode_tokens", "attribute", None, "fusion"),
     *_attrs("vllm.config.vllm", "VllmConfig", "speculative_config additional_config model_config "
             "scheduler_config", "spec_decode, request_checks, proposer"),
     Entry("vllm.config.scheduler", "SchedulerConfig.max_num_seqs", "attribute", None, "proposer"),
@@ -105,7 +108,8 @@ _PROPOSER_ENTRIES = [
     Entry("vllm.v1.attention.backend", "CommonAttentionMetadata.batch_size", "method", (), "proposer"),
     *_attrs("vllm.v1.attention.backend", "CommonAttentionMetadata", "num_actual_tokens max_query_len "
             "query_start_loc query_start_loc_cpu seq_lens max_seq_len slot_mapping", "proposer, prompt_logprobs"),
-    *_attrs("vllm.v1.worker.gpu_input_batch", "InputBatch", "req_ids req_id_to_index", "samplers, prompt_logprobs"),
+    *_attrs("vllm.v1.worker.gpu_input_batch", "InputBatch", "req_ids req_id_to_index num_reqs generators",
+            "samplers, prompt_logprobs, fusion"),
 ]
 
 _SAMPLING = [

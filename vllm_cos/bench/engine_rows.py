@@ -58,7 +58,7 @@ def cos_counters(llm) -> dict | None:
     if not stats:
         return None
     keys = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "served_proposed",
-            "served_accepted", "tokens_emitted", "row_steps")
+            "served_accepted", "tokens_emitted", "row_steps", "fused_steps")
     return {k: sum(int(s.get(k, 0)) for s in stats) for k in keys}
 
 
