@@ -113,3 +113,19 @@ def test_a_new_best_resets_the_interval():
     c.buckets[8].explored_from = 0
     c._explore(c.buckets[8], 3)
     assert c.buckets[8].interval == 32
+
+
+def test_voided_drafts_count_as_not_drafted():
+    # a = 0.9 and t = 1 + 0.5 k: with every row's drafts verified, k = 4 wins (E/t = 4.1/3 > 1);
+    # when 80% of the drafting rows have theirs voided, E(k) = 1 + 0.2 (E - 1) and k = 0 wins
+    assert expected_tokens(0.9, 4, kept=0.2) == pytest.approx(1 + 0.2 * (expected_tokens(0.9, 4) - 1))
+    kept = DraftLengthController(max_drafts=4)
+    voided = DraftLengthController(max_drafts=4)
+    for c, share in ((kept, 0.0), (voided, 0.8)):
+        for _ in range(400):
+            k = c.choose(8)
+            drafted = 8 if k else 0
+            c.observe(8, k, 1.0 + 0.5 * k, accepted=int(7 * k * 0.9 * (1 - share)), rejected=1 if k else 0,
+                      voided=int(share * drafted), drafted=drafted)
+    assert kept.chosen()[8] >= 3 and kept.kept == pytest.approx(1.0)
+    assert voided.chosen()[8] == 0 and voided.kept < 0.6  # moves towards 0.2 only on drafting steps

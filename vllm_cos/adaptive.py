@@ -14,7 +14,9 @@ k = 0 included (the collaborators then only verify each other's single proposals
 Estimates: a is a running (exponentially weighted) per-draft acceptance, accepted / (accepted +
 rejections): a row's drafts stop at its first rejection, so the drafts after it were never
 tried (accepted / proposed would be (a + a^2 + ... + a^k) / k, biased low for k > 1 and so
-towards short drafts).  t(B, k) is a running mean of the wall time of steady steps (the
+towards short drafts); with a share ``kept`` of the drafting rows whose drafts are verified at
+all (a row whose served proposal the group changed has its drafts voided), E(k) = 1 + kept *
+(a + ... + a^k).  t(B, k) is a running mean of the wall time of steady steps (the
 previous step used the same k, so that the step verified k drafts and drafted k).  A k never
 measured in a bucket is estimated from the measured ones (linear in k); a new bucket first
 measures both ends (k = max and k = 0, two steps each), and every bucket re-measures a
@@ -27,10 +29,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-def expected_tokens(acceptance: float, k: int) -> float:
-    """E(k) tokens per request and step for k drafts at per-draft acceptance ``acceptance``."""
+def expected_tokens(acceptance: float, k: int, kept: float = 1.0) -> float:
+    """E(k) tokens per request and step for k drafts at per-draft acceptance ``acceptance``,
+    when a share ``kept`` of the rows' drafts is verified at all (the rest were drafted after a
+    proposal the group then changed, and are voided: those rows emit one token)."""
     a = min(max(acceptance, 0.0), 1.0)
-    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+    tokens = float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+    return 1.0 + min(max(kept, 0.0), 1.0) * (tokens - 1.0)
 
 
 def bucket_of(batch: int) -> int:
@@ -56,6 +61,7 @@ class _Bucket:
 class DraftLengthController:
     max_drafts: int
     acceptance: float = 0.7  # prior until drafts are verified
+    kept: float = 1.0  # share of drafting rows whose drafts were not voided
     smoothing: float = 0.1  # weight of a new observation in the running means
     explore_every: int = 32
     buckets: dict[int, _Bucket] = field(default_factory=dict)
@@ -79,7 +85,7 @@ class DraftLengthController:
     def rate(self, bucket: int, k: int) -> float | None:
         """Expected tokens per second per request with k drafts (None without any cost)."""
         t = self.estimated_cost(bucket, k)
-        return None if t is None else expected_tokens(self.acceptance, k) / t
+        return None if t is None else expected_tokens(self.acceptance, k, self.kept) / t
 
     def choose(self, batch: int) -> int:
         """k for a step of ``batch`` requests."""
@@ -116,11 +122,14 @@ class DraftLengthController:
         state.trial = [neighbour]
         return neighbour
 
-    def observe(self, batch: int, k: int, seconds: float, accepted: int, rejected: int) -> None:
-        """One finished step: its k, wall time, the drafts it accepted and the number of rows
-        whose drafts met a rejection."""
+    def observe(self, batch: int, k: int, seconds: float, accepted: int, rejected: int,
+                voided: int = 0, drafted: int = 0) -> None:
+        """One finished step: its k, wall time, the drafts it accepted, the number of rows
+        whose drafts met a rejection, and of the rows that drafted, how many had them voided."""
         if accepted + rejected > 0:
             self.acceptance += self.smoothing * (accepted / (accepted + rejected) - self.acceptance)
+        if drafted > 0:
+            self.kept += self.smoothing * (1.0 - voided / drafted - self.kept)
         b = bucket_of(batch)
         state = self.buckets.setdefault(b, _Bucket())
         if self._last == (b, k) and seconds > 0:  # steady: verified k and drafted k

@@ -156,6 +156,8 @@ def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
     target = raw.get("target", names[0])
     _check_name(target, names, "target")
     draft_length = _choice(raw.get("draft_length", "fixed"), DRAFT_LENGTHS, "draft_length")
+    if _no_gamma_given(raw):  # the default: gamma: auto
+        raw = {**raw, "gamma": "auto"}
     if raw.get("gamma") == "auto":
         if "draft_length" in raw and draft_length != "auto":
             raise ConfigError("gamma", f"is 'auto' but draft_length is {draft_length!r}")
@@ -185,6 +187,13 @@ def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
                                   f"schedule 'alternate' needs gamma >= 1 for every model, {m.name!r} has {m.gamma}")
     return CoSConfig(models=tuple(models), rule=rule, target=target, schedule=schedule,
                      proposer=proposer, proposal=proposal, served=served, draft_length=draft_length)
+
+
+def _no_gamma_given(raw: Mapping[str, Any]) -> bool:
+    """Neither ``gamma`` nor ``draft_length`` nor any ``models[i].gamma``: ``gamma: auto`` applies."""
+    if "gamma" in raw or "draft_length" in raw:
+        return False
+    return not any(isinstance(m, Mapping) and "gamma" in m for m in raw["models"] or ())
 
 
 def _apply_gamma_list(value, raw_models: list, models: list[ModelSpec], where: str | None = None) -> list[ModelSpec]:

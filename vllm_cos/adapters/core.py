@@ -16,7 +16,8 @@ from vllm_cos.adapters.prompt_logprobs import PromptScores
 from vllm_cos.adapters.step import GrammarHandoff, StepChannel
 
 COUNTERS = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "draft_rejections",
-            "served_proposed", "served_accepted", "tokens_emitted", "row_steps", "fused_steps")
+            "served_proposed", "served_accepted", "tokens_emitted", "row_steps", "fused_steps",
+            "drafted_rows", "voided_rows")
 
 
 class CoSStats:
@@ -27,27 +28,30 @@ class CoSStats:
     draft_rejections: rows whose drafts met a rejection (the drafts after it were never tried);
     served_proposed / served_accepted: the served model's proposals verified by the group;
     tokens_emitted; row_steps: (request, step) pairs = verification rounds; fused_steps: steps whose
-    group ran inside the served model's forward (:mod:`vllm_cos.adapters.fusion`).
+    group ran inside the served model's forward (:mod:`vllm_cos.adapters.fusion`); drafted_rows /
+    voided_rows: rows that drafted, and of those the rows whose drafts were voided (drafted after
+    a proposal the group changed).
     """
 
     def __init__(self, **initial: int):
-        self._counts = torch.zeros(len(COUNTERS), dtype=torch.long)
-        for name, value in initial.items():
-            self._counts[COUNTERS.index(name)] = value
+        self._counts = torch.zeros(len(COUNTERS), dtype=torch.long)  # tensor increments
+        self._host = dict.fromkeys(COUNTERS, 0)  # plain-int increments (no tensor op per add)
+        self._host.update(initial)
 
     def add(self, name: str, value) -> None:
         """Add an int or a 0-d tensor (on any device) without reading it back."""
         if isinstance(value, torch.Tensor):
-            value = value.to(self._counts.device, torch.long)
-        self._counts[COUNTERS.index(name)] += value
+            self._counts[COUNTERS.index(name)] += value.to(self._counts.device, torch.long)
+        else:
+            self._host[name] += value
 
     def __getattr__(self, name: str) -> int:
         if name in COUNTERS:
-            return int(self._counts[COUNTERS.index(name)])
+            return int(self._counts[COUNTERS.index(name)]) + self._host[name]
         raise AttributeError(name)
 
     def as_dict(self) -> dict:
-        c = dict(zip(COUNTERS, self._counts.tolist()))
+        c = {k: v + self._host[k] for k, v in zip(COUNTERS, self._counts.tolist())}
         proposed = c["drafts_proposed"] + c["served_proposed"]
         accepted = c["drafts_accepted"] + c["served_accepted"]
         c["acceptance_rate"] = accepted / proposed if proposed else 0.0

@@ -88,6 +88,7 @@ class CoSMetrics:
         self._logged_tokens = 0
         self.adaptive = False  # gamma: auto adapts the draft length itself
         self._warned_slow = False
+        self._bound = None  # the labelled series, bound on first publish
         try:
             self._m = _metrics()
         except Exception as exc:  # noqa: BLE001 - metrics must never stop decoding
@@ -99,24 +100,33 @@ class CoSMetrics:
         now = {k: summary[k] for k in COUNTERS}
         delta = {k: v - self._last.get(k, 0) for k, v in now.items()}
         self._last = now
-        m = self._m
-        if m is not None:
-            m["forwards"].labels(model=self.target).inc(delta["steps"])
-            m["forwards"].labels(model=self.other).inc(delta["draft_forwards"])
-            m["proposed"].labels(proposer=self.other).inc(delta["drafts_proposed"])
-            m["proposed"].labels(proposer=self.target).inc(delta["served_proposed"])
-            m["accepted"].labels(proposer=self.other).inc(delta["drafts_accepted"])
-            m["accepted"].labels(proposer=self.target).inc(delta["served_accepted"])
-            m["emitted"].inc(delta["tokens_emitted"])
-            m["rounds"].inc(delta["row_steps"])
-            m["acceptance_rate"].labels(model_pair=self.pair).set(summary["acceptance_rate"])
-            m["mean_accepted_length"].labels(model_pair=self.pair).set(summary["mean_accepted_length"])
+        if self._m is not None:
+            counters, gauges = self._series()
+            for counter, name in counters:
+                counter.inc(delta[name])
+            for gauge, name in gauges:
+                gauge.set(summary[name])
         t = time.monotonic()
         if t - self._last_log >= self.interval_s and now["tokens_emitted"] > self._logged_tokens:
             self._last_log = t
             self._logged_tokens = now["tokens_emitted"]
             logger.info(self.line(stats))
             self.warn_if_drafts_do_not_pay(summary)
+
+    def _series(self):
+        """The labelled Prometheus series, bound once: ([(counter, counter name)], [(gauge, summary key)])."""
+        if self._bound is None:
+            m = self._m
+            self._bound = ([(m["forwards"].labels(model=self.target), "steps"),
+                            (m["forwards"].labels(model=self.other), "draft_forwards"),
+                            (m["proposed"].labels(proposer=self.other), "drafts_proposed"),
+                            (m["proposed"].labels(proposer=self.target), "served_proposed"),
+                            (m["accepted"].labels(proposer=self.other), "drafts_accepted"),
+                            (m["accepted"].labels(proposer=self.target), "served_accepted"),
+                            (m["emitted"], "tokens_emitted"), (m["rounds"], "row_steps")],
+                           [(m["acceptance_rate"].labels(model_pair=self.pair), "acceptance_rate"),
+                            (m["mean_accepted_length"].labels(model_pair=self.pair), "mean_accepted_length")])
+        return self._bound
 
     def warn_if_drafts_do_not_pay(self, summary: dict) -> None:
         """Once: the group's drafts are accepted so rarely that drafting costs more than it saves.

@@ -49,6 +49,8 @@ logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
 # Re-feed the verified tokens when at least 1/REFEED_SHARE of the rows changed them.
 REFEED_SHARE = 4
+# The counters gamma: auto's controller observes per step (DraftLengthController.observe's order).
+_OBSERVED = ("drafts_accepted", "draft_rejections", "voided_rows", "drafted_rows")
 
 
 # runner -> its CoSCore: how the module-level hooks (grammar mask, stash release) find a runner's step.
@@ -301,9 +303,8 @@ class CoSProposerMixin:
         counts = self.cos_core.stats.as_dict()
         last = self._cos_last_step
         if last is not None:  # the previous step: its k, batch, time, and what it left to verify
-            t, last_batch, k, accepted, rejected = last
-            controller.observe(last_batch, k, now - t, counts["drafts_accepted"] - accepted,
-                               counts["draft_rejections"] - rejected)
+            t, last_batch, k, seen = last
+            controller.observe(last_batch, k, now - t, *(counts[name] - seen[name] for name in _OBSERVED))
         before = controller.chosen()
         k = min(controller.choose(batch), max_drafts)
         if any(g is not None for g in generators[:batch]):
@@ -311,7 +312,7 @@ class CoSProposerMixin:
         self.cos_core.fusion.wanted = k == 0  # the next step may then fuse (vllm_cos.adapters.fusion)
         if controller.chosen() != before and self.cos_core.metrics is not None:
             self.cos_core.metrics.draft_lengths(controller.chosen(), controller.acceptance)
-        self._cos_last_step = (now, batch, k, counts["drafts_accepted"], counts["draft_rejections"])
+        self._cos_last_step = (now, batch, k, {name: counts[name] for name in _OBSERVED})
         return k
 
     def _draft_after(self, cad, last_hidden, token_indices, tokens, next_token_ids, step, batch, gamma,
@@ -344,6 +345,8 @@ class CoSProposerMixin:
             # r's inputs there, so they are never verified (the next step's first pass rewrites
             # the KV of the verified token).
             void = changed
+            self.cos_core.stats.add("voided_rows", num_changed)
+        self.cos_core.stats.add("drafted_rows", batch)
         drafts, member_logits = self._draft(cad, last_hidden, positions, step.sampling, gamma, batch)
         self.cos_core.stash.put(step.req_ids, drafts, member_logits, void)
         return drafts
