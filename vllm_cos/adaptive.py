@@ -63,7 +63,7 @@ class DraftLengthController:
     acceptance: float = 0.7  # prior until drafts are verified
     kept: float = 1.0  # share of drafting rows whose drafts were not voided
     smoothing: float = 0.1  # weight of a new observation in the running means
-    explore_every: int = 32
+    explore_every: int = 128  # steps between re-measurements (doubling while confirmed)
     buckets: dict[int, _Bucket] = field(default_factory=dict)
     _last: tuple[int, int] | None = None  # (bucket, k) of the previous step
 
