@@ -20,6 +20,7 @@ import re
 from collections import Counter
 
 import pytest
+import torch
 from engine_helpers import CODE_PROMPTS, OneEngine
 
 pytestmark = pytest.mark.engine
@@ -210,6 +211,35 @@ def test_fused_second_token_is_r(engines, tok, forced_draft_lengths, tiny_models
         observed = [counts.get(t, 0) for t in range(len(expected))]
         p_value = chi2_pvalue(observed, expected)
         assert p_value > P_THRESHOLD, f"{pattern}: second token, chi-square p = {p_value:.2e}"
+
+
+def test_fused_steps_report_logprobs_of_r(engines, tok, forced_draft_lengths, tiny_models):
+    """Every generated token's logprob (and the clear top-5) in fused steps is log r there."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from engine_helpers import reference_log_r
+    from vllm_cos.config import load_config
+
+    llm = engines.get("cd", "auto")
+    cfg = load_config(cos_spec(tiny_models, "cd", "auto"))
+    forced_draft_lengths("fused")
+    prompts = [tok.encode(t, add_special_tokens=False) for t in CODE_PROMPTS[:3]]
+    params = SamplingParams(temperature=1.0, max_tokens=12, logprobs=5, ignore_eos=True)
+    before = _fused_steps(llm)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [params] * 3, use_tqdm=False)
+    assert _fused_steps(llm) - before >= 11
+    worst = 0.0
+    for prompt, out in zip(prompts, outs):
+        gen = out.outputs[0]
+        log_r = reference_log_r(cfg, prompt + list(gen.token_ids))
+        for j, (token, entry) in enumerate(zip(gen.token_ids, gen.logprobs)):
+            ref = log_r[len(prompt) - 1 + j]
+            values, indices = torch.topk(ref, 6)
+            clear = {t for t, v in zip(indices[:5].tolist(), values[:5].tolist()) if v - float(values[5]) > 1e-3}
+            assert token in entry and clear <= set(entry), (j, clear, set(entry))
+            worst = max([worst] + [abs(entry[t].logprob - float(ref[t])) for t in clear | {token}])
+    assert worst < 2e-3, f"fused-step logprobs differ from log r by {worst}"
 
 
 def _assert_seed_reproduces_under_load(llm, tok):
