@@ -30,21 +30,18 @@ def test_unplanned_step_is_not_fused():
     assert err.value.invariant == "fused-planned"
 
 
-def test_planned_step_without_group_forward_raises():
+@pytest.mark.parametrize("forward_ran,sampled_rows,invariant", [
+    (False, 4, "fused-forward"),  # planned, but the forward never put the group's logits
+    (True, 3, "fused-same-batch"),  # the forward scored 4 requests, the sampler samples 3
+])
+def test_broken_handoff_raises(forward_ran, sampled_rows, invariant):
     fusion = FusedGroup()
     fusion.plan(True)
+    if forward_ran:
+        fusion.put(torch.zeros(1, 4, 5))
     with pytest.raises(StepInvariantError) as err:
-        fusion.take(2)
-    assert err.value.invariant == "fused-forward"
-
-
-def test_other_batch_raises():
-    fusion = FusedGroup()
-    fusion.plan(True)
-    fusion.put(torch.zeros(1, 4, 5))
-    with pytest.raises(StepInvariantError) as err:
-        fusion.take(3)
-    assert err.value.invariant == "fused-same-batch"
+        fusion.take(sampled_rows)
+    assert err.value.invariant == invariant
 
 
 def test_replanning_drops_a_stale_result():

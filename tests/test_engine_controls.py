@@ -242,6 +242,19 @@ def test_fused_steps_report_logprobs_of_r(engines, tok, forced_draft_lengths, ti
     assert worst < 2e-3, f"fused-step logprobs differ from log r by {worst}"
 
 
+def test_prompt_logprobs_are_log_r_while_steps_fuse(engines, tok, forced_draft_lengths, tiny_models):
+    """A prompt-logprobs request is never fused (its scores come from the proposer's first pass):
+    with every step forced to 0 drafts, its prompt logprobs are still log r."""
+    from engine_helpers import assert_prompt_logprobs_are_log_r, reference_log_r
+    from vllm_cos.config import load_config
+
+    llm = engines.get("cd", "auto")
+    cfg = load_config(cos_spec(tiny_models, "cd", "auto"))
+    forced_draft_lengths("fused")
+    prompts = [tok.encode(t, add_special_tokens=False) for t in CODE_PROMPTS[:3]]
+    assert_prompt_logprobs_are_log_r(llm, prompts, lambda prompt: reference_log_r(cfg, prompt))
+
+
 def _assert_seed_reproduces_under_load(llm, tok):
     """gamma: auto picks each step's drafts from the load; a seeded request's text must not
     depend on it: alone, and among 15 unseeded requests, it is the same."""

@@ -240,11 +240,19 @@ class CoSProposerMixin:
         batch = common_attn_metadata.batch_size()
         req_ids = tuple(self.cos_runner.input_batch.req_ids[:batch])
         step = core.steps.consume(req_ids)
-        if step.fused:
-            return self._propose_after_fused(step, batch, num_speculative_tokens, target_token_ids,
-                                             next_token_ids, target_positions, target_hidden_states,
-                                             token_indices_to_sample, common_attn_metadata,
-                                             num_rejected_tokens_gpu)
+        if step.fused:  # tokens final, drawn from r: no first pass to verify them
+            gamma = self._draft_length(batch, num_speculative_tokens, step.sampling.generators)
+            self._uncount_discarded(step, batch)
+            drafts = torch.empty(batch, 0, dtype=torch.int64, device=next_token_ids.device)
+            if gamma:  # drafts again: re-feed the sampled tokens first
+                _, token_indices, cad = self.set_inputs_first_pass(
+                    target_token_ids=target_token_ids, next_token_ids=next_token_ids,
+                    target_positions=target_positions, target_hidden_states=target_hidden_states,
+                    token_indices_to_sample=token_indices_to_sample, cad=common_attn_metadata,
+                    num_rejected_tokens_gpu=num_rejected_tokens_gpu)
+                drafts = self._draft_after(cad, None, token_indices[:batch].long(), next_token_ids[:batch].long(),
+                                           next_token_ids, step, batch, gamma, num_rejected_tokens_gpu)
+            return self._published(drafts)
         num_tokens, token_indices, cad = self.set_inputs_first_pass(
             target_token_ids=target_token_ids, next_token_ids=next_token_ids,
             target_positions=target_positions, target_hidden_states=target_hidden_states,
@@ -259,30 +267,12 @@ class CoSProposerMixin:
         self._uncount_discarded(step, batch)
         drafts = self._draft_after(cad, hidden[token_indices], token_indices, tokens, next_token_ids, step,
                                    batch, gamma, num_rejected_tokens_gpu)
-        if core.metrics is not None:
-            core.metrics.publish(core.stats)
-        return drafts
+        return self._published(drafts)
 
-    def _propose_after_fused(self, step, batch, num_speculative_tokens, target_token_ids, next_token_ids,
-                             target_positions, target_hidden_states, token_indices_to_sample,
-                             common_attn_metadata, num_rejected_tokens_gpu):
-        """A fused step's tokens are final (drawn from r; the group has scored the step's
-        tokens): draft only if the controller now wants drafts, after re-feeding them."""
-        core = self.cos_core
-        gamma = self._draft_length(batch, num_speculative_tokens, step.sampling.generators)
-        self._uncount_discarded(step, batch)
-        if gamma == 0:
-            drafts = torch.empty(batch, 0, dtype=torch.int64, device=next_token_ids.device)
-        else:
-            _, token_indices, cad = self.set_inputs_first_pass(
-                target_token_ids=target_token_ids, next_token_ids=next_token_ids,
-                target_positions=target_positions, target_hidden_states=target_hidden_states,
-                token_indices_to_sample=token_indices_to_sample, cad=common_attn_metadata,
-                num_rejected_tokens_gpu=num_rejected_tokens_gpu)
-            drafts = self._draft_after(cad, None, token_indices[:batch].long(), next_token_ids[:batch].long(),
-                                       next_token_ids, step, batch, gamma, num_rejected_tokens_gpu)
-        if core.metrics is not None:
-            core.metrics.publish(core.stats)
+    def _published(self, drafts):
+        """The step's drafts, once its counters are published (metrics, log line)."""
+        if self.cos_core.metrics is not None:
+            self.cos_core.metrics.publish(self.cos_core.stats)
         return drafts
 
     def _uncount_discarded(self, step, batch: int) -> None:
@@ -329,12 +319,13 @@ class CoSProposerMixin:
             cad.seq_lens -= num_rejected_tokens_gpu
         if gamma == 0:
             return torch.empty(batch, 0, dtype=torch.int64, device=tokens.device)
-        changed = tokens != next_token_ids[:batch].long()  # [B]
-        seeded = torch.tensor([g is not None for g in step.sampling.generators[:batch]],
-                              dtype=torch.bool, device=changed.device)  # [B]
-        # one host sync per step; a seeded row is never voided (its stream must not depend on the batch)
-        num_changed, seeded_changed = torch.stack([changed.sum(), (changed & seeded).sum()]).tolist()
-        void = None
+        void, num_changed, seeded_changed = None, 0, 0
+        if last_hidden is not None:
+            changed = tokens != next_token_ids[:batch].long()  # [B]
+            seeded = torch.tensor([g is not None for g in step.sampling.generators[:batch]],
+                                  dtype=torch.bool, device=changed.device)  # [B]
+            # one host sync per step; a seeded row is never voided (its stream must not depend on the batch)
+            num_changed, seeded_changed = torch.stack([changed.sum(), (changed & seeded).sum()]).tolist()
         if last_hidden is None or seeded_changed or (num_changed and num_changed * REFEED_SHARE >= batch):
             # Re-feed the verified token at the same position (overwrites the proposal's KV).
             cad.seq_lens -= 1

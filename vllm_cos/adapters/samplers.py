@@ -72,14 +72,21 @@ class _CoSSamplerBase:
         grammar = None if grammar is None else core.crop(grammar)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         r = sampling.probs(controls.apply(log_r, RowLayout.at(zeros), grammar))
-        token = sampling.sample(r)
+        nothing = ServedProposals(rows=torch.zeros(batch, dtype=torch.bool, device=device), slot=zeros,
+                                  target_logits=log_r, proposal_probs=r, grammar=grammar)
+        return self._one_token_step(sampling.sample(r), nothing, req_ids, controls, sampling, sampling_metadata,
+                                    fused=True)
+
+    def _one_token_step(self, token, proposals, req_ids, controls, sampling, sampling_metadata, fused=False):
+        """Open the step of a one-token-per-row sample (``token`` [B]) and return its output; the
+        logprobs are those of the distribution it was drawn from (``proposals``' logits and probs:
+        r when fused, T's otherwise, refilled with r by the proposer)."""
+        core, batch = self._core, token.shape[0]
         rows = None
         if sampling_metadata.max_num_logprobs is not None:
             k = sampling_metadata.max_num_logprobs
-            rows = LogprobRows(core.logprob_rows(log_r, r, token, k), 1, k)
-        nothing = ServedProposals(rows=torch.zeros(batch, dtype=torch.bool, device=device), slot=zeros,
-                                  target_logits=log_r, proposal_probs=r, grammar=grammar)
-        core.steps.open(req_ids, nothing, controls, sampling, rows, fused=True)
+            rows = LogprobRows(core.logprob_rows(proposals.target_logits, proposals.proposal_probs, token, k), 1, k)
+        core.steps.open(req_ids, proposals, controls, sampling, rows, fused=fused)
         for name in ("tokens_emitted", "row_steps"):
             core.stats.add(name, batch)
         core.stats.add("steps", 1)
@@ -106,17 +113,9 @@ class CoSPlainSampler(_CoSSamplerBase):
         grammar = None if grammar is None else core.crop(grammar)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         token, proposal = self._propose(target, zeros, grammar, controls, sampling)
-        rows = None
-        if sampling_metadata.max_num_logprobs is not None:  # refilled with r by the proposer
-            k = sampling_metadata.max_num_logprobs
-            rows = LogprobRows(core.logprob_rows(target, proposal, token, k), 1, k)
         proposals = ServedProposals(rows=torch.ones(batch, dtype=torch.bool, device=device), slot=zeros,
                                     target_logits=target, proposal_probs=proposal, grammar=grammar)
-        core.steps.open(req_ids, proposals, controls, sampling, rows)
-        for name in ("tokens_emitted", "row_steps"):
-            core.stats.add(name, batch)
-        core.stats.add("steps", 1)
-        return _sampler_output(token.unsqueeze(1), rows)
+        return self._one_token_step(token, proposals, req_ids, controls, sampling, sampling_metadata)
 
 
 def draft_grid(metadata, device):
