@@ -283,7 +283,7 @@ def test_different_vocabularies_name_both_models(models, tmp_path):
     with pytest.raises(engine.CoSStartupError) as err:
         engine.prepare_engine(spec, str(models["large"]), env={})
     message = str(err.value)
-    assert "'large'" in message and "'othertok'" in message and "(tokenizer vocab 6)" in message
+    assert "'large'" in message and "'othertok'" in message and f"(6 tokens in {other})" in message
 
 
 def test_three_models_one_tokenizer_differs(models, tmp_path):
@@ -388,9 +388,8 @@ def _last_line(stderr: str) -> str:
 def test_cli_malformed_yaml_exits_with_one_line(tmp_path, models):
     path = _yaml(tmp_path, "models: [\n  {name: a\n")
     proc = _serve([str(models["large"]), "--speculative-config", str(path)])
-    assert proc.returncode != 0
-    assert "--speculative-config" in _last_line(proc.stderr) and "not valid YAML" in _last_line(proc.stderr)
-    assert "Traceback" not in proc.stderr
+    assert proc.returncode == 1  # refused before vLLM's parser (and its usage text) is reached
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"error: cos config: <file>: {path} is not valid YAML")
 
 
 @pytest.mark.engine

@@ -116,3 +116,28 @@ def test_console_script_is_fast_and_imports_no_vllm(models, tmp_path):
     proc = subprocess.run([*command, "check", str(tmp_path / "missing.yaml")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith("error: cos config: <file>: ")
+
+
+def test_serve_with_a_malformed_file_is_one_line_before_vllm_loads(models, tmp_path, capsys):
+    spec = _two(models)
+    spec["models"][1]["gamma"] = "three"
+    path = _write(tmp_path, spec)
+    for args in (["serve", str(models["large"]), "--speculative-config", path], ["serve", "-sc=" + path]):
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert err == "error: cos config: models[1].gamma: must be an integer, got 'three'\n"
+
+
+@pytest.mark.parametrize("function, params, words", [
+    ("torch:ones_like", {}, "must return [num_tokens, vocab] = (2, 512), got (2, 2, 512)"),
+    ("os:getcwd", {}, "TypeError"),
+    ("torch:sum", {"dim": 0}, None),  # the sum of the members' probs: a valid (unnormalised) r
+])
+def test_a_custom_rule_is_tried_once_at_start(models, tmp_path, capsys, function, params, words):
+    spec = _two(models, rule={"name": "custom", "function": function, "inputs": "probs", "params": params})
+    rc, out, err = _check(capsys, _write(tmp_path, spec))
+    if words is None:
+        assert rc == 0 and f"custom: {function}" in out
+    else:
+        assert rc == 1 and err.startswith("error: cos config: rule.function: a trial combination"), err
+        assert words in err

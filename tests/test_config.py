@@ -101,6 +101,8 @@ def _error(raw) -> ConfigError:
     (lambda r: r["models"][1].update(gamma="3"), "models[1].gamma", "must be an integer"),
     (lambda r: r["models"][1].update(gamma=2.5), "models[1].gamma", "must be an integer"),
     (lambda r: r["models"][1].update(gamma=-1), "models[1].gamma", "must be >= 0"),
+    (lambda r: r["models"][1].update(gamma=33), "models[1].gamma", "must be <= 32"),
+    (lambda r: (r.update(gamma=10**18), [m.pop("gamma", None) for m in r["models"]]), "gamma", "must be <= 32"),
     (lambda r: r["models"][0].update(dtype="int4"), "models[0].dtype", "must be one of"),
     (lambda r: r["models"][1].update(path="/nonexistent/model"), "models[1].path", "does not exist"),
     (lambda r: r["models"][1].update(path=7), "models[1].path", "non-empty string"),

@@ -155,7 +155,9 @@ def check(argv: list[str]) -> int:
             listed = load_config(args.config)
             served = listed.models[listed.index(listed.target)].path
         cfg, notes = engine.resolve_spec(args.config, served)
+        engine.check_model_files(cfg)
         tokenizer_size = engine.check_vocabularies(cfg)
+        engine.check_rule(cfg, tokenizer_size)
         dtype = engine.engine_dtype(cfg, args.dtype) or args.dtype
         engine.check_runner()
     except (ConfigError, engine.CoSStartupError) as exc:
@@ -166,10 +168,40 @@ def check(argv: list[str]) -> int:
     return 0
 
 
+def spec_argument(args: list[str]) -> str | None:
+    """The ``--speculative-config`` / ``-sc`` value of a command line (None if absent)."""
+    for i, arg in enumerate(args):
+        for flag in ("--speculative-config", "-sc"):
+            if arg == flag and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(flag + "="):
+                return arg[len(flag) + 1:]
+    return None
+
+
+def precheck_spec(args: list[str]) -> str | None:
+    """A malformed CoS file's one error line, before vLLM's parser would print its usage with it."""
+    from vllm_cos import engine
+    from vllm_cos.config import ConfigError
+
+    value = spec_argument(args)
+    if value is None or not engine.is_cos_spec(value):
+        return None
+    try:
+        engine.parse_cli_value(value)
+    except ConfigError as exc:
+        return f"error: {exc}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["check"]:
         return check(args[1:])
+    problem = precheck_spec(args)
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 1
     install_version_fallback()
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)

@@ -30,6 +30,7 @@ PROPOSALS = ("tempered", "raw")
 SERVED_POLICIES = ("listed", "join")
 DRAFT_LENGTHS = ("fixed", "auto")
 AUTO_MAX_GAMMA = 4  # gamma: auto -- each drafter drafts up to this many tokens per step
+MAX_GAMMA = 32  # drafts per model and step (each step verifies them all in one forward)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CUSTOM_INPUTS = ("probs", "logits")
 RULE_NAMES = ("weighted_ensemble", "contrastive", "custom", "cosd")
@@ -144,8 +145,18 @@ def _read_source(source) -> tuple[str, Path]:
     if "\n" not in text and (path.suffix in (".yaml", ".yml", ".json") or path.exists()):
         if not path.is_file():
             raise ConfigError("<file>", f"{text} does not exist")
-        return path.read_text(), path.resolve().parent
+        return read_file_text(path), path.resolve().parent
     return text, Path.cwd()
+
+
+def read_file_text(path: Path) -> str:
+    """A CoS file's text; unreadable or non-UTF-8 files are a :class:`ConfigError` naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("<file>", f"{path} is not UTF-8 text (byte {exc.start}); a CoS file is YAML") from None
 
 
 def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
@@ -211,11 +222,17 @@ def _apply_gamma_list(value, raw_models: list, models: list[ModelSpec], where: s
         field_name = where or ("gamma" if not isinstance(value, list) else f"gamma[{i}]")
         if isinstance(g, bool) or not isinstance(g, int):
             raise ConfigError(field_name, f"must be an integer (or, top-level, a list of them or 'auto'), got {g!r}")
-        if g < 0:
-            raise ConfigError(field_name, f"must be >= 0, got {g}")
+        _check_gamma_range(g, field_name)
         if isinstance(item, Mapping) and "gamma" in item:
             raise ConfigError(f"models[{i}].gamma", "is also set by the top-level gamma; set it in one place")
     return [ModelSpec(name=m.name, path=m.path, gamma=g, dtype=m.dtype) for m, g in zip(models, gammas)]
+
+
+def _check_gamma_range(gamma: int, field_name: str) -> None:
+    if gamma < 0:
+        raise ConfigError(field_name, f"must be >= 0, got {gamma}")
+    if gamma > MAX_GAMMA:
+        raise ConfigError(field_name, f"must be <= {MAX_GAMMA} (drafts per model and step), got {gamma}")
 
 
 def _default_proposer(models: list[ModelSpec], target: str) -> str:
@@ -256,8 +273,7 @@ def _parse_models(raw, base_dir: Path) -> list[ModelSpec]:
         gamma = item.get("gamma", 1)
         if isinstance(gamma, bool) or not isinstance(gamma, int):
             raise ConfigError(f"{where}.gamma", f"must be an integer, got {gamma!r}")
-        if gamma < 0:
-            raise ConfigError(f"{where}.gamma", f"must be >= 0, got {gamma}")
+        _check_gamma_range(gamma, f"{where}.gamma")
         dtype = _choice(item.get("dtype", "auto"), DTYPES, f"{where}.dtype")
         if name in seen_names:
             raise ConfigError(f"{where}.name", f"model {name!r} is listed twice (also models[{seen_names[name]}])")

@@ -30,7 +30,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from vllm_cos.config import SERVED_POLICIES, CoSConfig, ConfigError, load_config
+from vllm_cos.config import SERVED_POLICIES, CoSConfig, ConfigError, load_config, read_file_text
+from vllm_cos.model_files import model_dir_problem
 
 logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
@@ -75,10 +76,7 @@ def read_cos_spec(value: Any) -> tuple[dict, Path]:
     if "\n" not in text and not text.lstrip().startswith("{"):
         if not path.is_file():
             raise ConfigError("<file>", f"{text} does not exist")
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError("<file>", f"cannot read {text}: {exc}") from None
+        text = read_file_text(path)
         base_dir = path.resolve().parent
     import yaml
 
@@ -288,14 +286,49 @@ def target_model(cfg: CoSConfig):
     return cfg.models[cfg.index(cfg.target)]
 
 
-def _tokenizer_vocab(path: str) -> dict[str, int] | None:
+def check_model_files(cfg: CoSConfig) -> None:
+    """Every collaborator's directory holds a readable config, weights and tokenizer files
+    (:func:`vllm_cos.model_files.model_dir_problem`): one line naming the file otherwise."""
+    for m in cfg.models:
+        problem = model_dir_problem(m.path)
+        if problem is not None:
+            raise CoSStartupError(f"cos: model {m.name!r}: {problem}")
+
+
+def check_rule(cfg: CoSConfig, tokenizer_size: int) -> None:
+    """Run the combination rule once on random logits [models, 2, vocab] (a custom rule that fails
+    or returns the wrong shape is refused here, not in the middle of a request)."""
+    import torch
+
+    from vllm_cos.combine import build_combiner
+
+    member_logits = torch.randn(len(cfg.models), 2, tokenizer_size, generator=torch.Generator().manual_seed(0))
+    try:
+        log_r = build_combiner(cfg.rule, cfg.model_names)(member_logits)
+        if not isinstance(log_r, torch.Tensor) or tuple(log_r.shape) != (2, tokenizer_size):
+            shape = tuple(log_r.shape) if isinstance(log_r, torch.Tensor) else type(log_r).__name__
+            raise ValueError(f"returned {shape}, not [num_tokens, vocab] = (2, {tokenizer_size})")
+        if not torch.isfinite(torch.logsumexp(log_r.float(), dim=-1)).all():
+            raise ValueError("returned a distribution with no mass (log r is -inf or nan everywhere in a row)")
+    except Exception as exc:  # noqa: BLE001 - whatever a user's function raises names the rule
+        where = "rule.function" if cfg.rule.name == "custom" else "rule"
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CoSStartupError(f"cos config: {where}: a trial combination of random logits failed: "
+                              f"{type(exc).__name__}: {reason}") from None
+
+
+def _tokenizer_vocab(name: str, path: str) -> dict[str, int] | None:
     p = Path(path)
     if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
                                            "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path).get_vocab()
+    try:
+        return AutoTokenizer.from_pretrained(path).get_vocab()
+    except Exception as exc:  # noqa: BLE001 - any loader failure is this directory's tokenizer files
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CoSStartupError(f"cos: model {name!r}: the tokenizer in {path} cannot be loaded ({reason})") from None
 
 
 def _model_vocab_size(path: str) -> int | None:
@@ -314,7 +347,8 @@ def check_vocabularies(cfg: CoSConfig) -> int:
     A model whose embedding is padded beyond the tokenizer (vocab_size > len(tokenizer))
     is fine: the padding rows are masked at run time.
     """
-    vocabs = {m.name: _tokenizer_vocab(m.path) for m in cfg.models}
+    vocabs = {m.name: _tokenizer_vocab(m.name, m.path) for m in cfg.models}
+    paths = {m.name: m.path for m in cfg.models}
     reference_name = cfg.target if vocabs.get(cfg.target) is not None else next(
         (n for n, v in vocabs.items() if v is not None), None)
     if reference_name is None:
@@ -323,16 +357,16 @@ def check_vocabularies(cfg: CoSConfig) -> int:
     for name, vocab in vocabs.items():
         if vocab is not None and vocab != reference:
             raise CoSStartupError(
-                f"cos: models {reference_name!r} (tokenizer vocab {len(reference)}) and {name!r} "
-                f"(tokenizer vocab {len(vocab)}) use different tokenizers; collaborating models "
-                f"must share one vocabulary")
+                f"cos: models {reference_name!r} (tokenizer of {len(reference)} tokens in {paths[reference_name]}) "
+                f"and {name!r} ({len(vocab)} tokens in {paths[name]}) use different tokenizers; "
+                f"collaborating models must share one vocabulary")
     tokenizer_size = len(reference)
     for m in cfg.models:
         size = _model_vocab_size(m.path)
         if size is not None and size < tokenizer_size:
             raise CoSStartupError(
-                f"cos: model {m.name!r} has vocab_size {size} but the shared tokenizer of "
-                f"{reference_name!r} has {tokenizer_size} tokens")
+                f"cos: model {m.name!r} has vocab_size {size} ({Path(m.path) / 'config.json'}) but the "
+                f"shared tokenizer of {reference_name!r} has {tokenizer_size} tokens")
     return tokenizer_size
 
 
@@ -415,7 +449,9 @@ def prepare_engine(spec: Any, served_model: str, env: Mapping[str, str] | None =
     cfg, notes = resolve_spec(spec, served_model)
     for note in notes:
         logger.warning("cos config: %s", note)
+    check_model_files(cfg)
     tokenizer_size = check_vocabularies(cfg)
+    check_rule(cfg, tokenizer_size)
     overrides = engine_overrides(cfg, tokenizer_size)
     chosen = engine_dtype(cfg, dtype)
     if chosen is not None:
