@@ -51,6 +51,57 @@ def _cumulative(stats, key: str) -> tuple[int, float]:
     return calls, cum
 
 
+# --timers: wall-clock per call of these (module, class or None, attribute), no profiler overhead
+TIMED = [("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
+         ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"),
+         ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "execute_model"),
+         ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_update_states"),
+         ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_prepare_inputs"),
+         ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_model_forward"),
+         ("vllm_cos.adapters.fusion", None, "group_logits_at_last_tokens"),
+         ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "sample_tokens"),
+         ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_sample"),
+         ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_bookkeeping_sync"),
+         ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "propose_draft_token_ids"),
+         ("vllm_cos.adapters.member_stack", "CoSMemberStack", "forward")]
+
+
+def _install_timers() -> dict:
+    """Wrap TIMED with wall-clock accumulators: {label: [calls, seconds]}."""
+    import functools
+    import importlib
+
+    totals = {}
+    for module_name, class_name, attr in TIMED:
+        owner = importlib.import_module(module_name)
+        owner = getattr(owner, class_name) if class_name else owner
+        stock = getattr(owner, attr)
+        label = f"{class_name or module_name.rsplit('.', 1)[-1]}.{attr}"
+        totals[label] = [0, 0.0]
+
+        def timed(*a, _stock=stock, _total=totals[label], **kw):
+            start = time.perf_counter()
+            try:
+                return _stock(*a, **kw)
+            finally:
+                _total[0] += 1
+                _total[1] += time.perf_counter() - start
+
+        setattr(owner, attr, functools.wraps(stock)(timed))
+    return totals
+
+
+def _run_timed(llm, args, prompts) -> None:
+    totals = _install_timers()
+    tokens, wall, _ = bench.generate_timed(llm, prompts, args.batch, args.temperature, args.max_tokens)
+    steps = totals["GPUModelRunner.execute_model"][0] or 1
+    print(f"{args.schedule} gamma={args.gamma} drafts={args.drafts} B={args.batch}: {tokens} tokens in {wall:.3f} s "
+          f"= {tokens / wall:.1f} tok/s; {steps} engine steps, {1000 * wall / steps:.3f} ms/step")
+    for label, (calls, seconds) in totals.items():
+        if calls:
+            print(f"  {label:45s} {calls:6d} calls {1000 * seconds / steps:8.3f} ms/step")
+
+
 def _cos_spec(models, rule, schedule, gamma: str) -> dict:
     if gamma != "auto":
         return bench.cos_spec(models, rule, schedule, int(gamma))
@@ -84,6 +135,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-reexec", action="store_true")
     p.add_argument("--save", help="write the raw cProfile stats to this file (pstats / snakeviz)")
+    p.add_argument("--timers", action="store_true",
+                   help="no profiler: wall-clock ms per engine step of the runner's parts (in-process engine)")
     args = p.parse_args(argv)
     if not args.no_reexec and os.environ.get(bench.REEXEC_FLAG) != "1":
         env, warnings = bench.performance_env(args.threads)
@@ -108,6 +161,9 @@ def main(argv=None):
     llm = bench.start_engine(job, models, settings)
     prompts = bench.tokenize_prompts(models, settings)["code"]
     bench.generate_timed(llm, prompts[:1], 1, args.temperature, 8)  # warm-up
+    if args.timers:
+        bench.generate_timed(llm, prompts if args.batch > 1 else prompts[:1], args.batch, args.temperature, 16)
+        return _run_timed(llm, args, prompts[:1] if args.batch == 1 else prompts)
     cos0 = bench.cos_counters(llm)
     prof = cProfile.Profile()
     t0 = time.perf_counter()

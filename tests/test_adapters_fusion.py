@@ -65,7 +65,7 @@ def _scheduled(drafts=None):
     (_runner(), _scheduled(), True),
     (_runner(), _scheduled({"a": []}), True),  # an empty draft list is no draft
     (_runner(), _scheduled({"a": [], "b": [5, 6]}), False),  # drafts to verify
-    (_runner(generators={0: torch.Generator()}), _scheduled(), False),  # a seeded request
+    (_runner(generators={0: torch.Generator()}), _scheduled(), True),  # seeded rows race (vllm_cos.coupling)
     (_runner(prompt_logprobs={"a": 2}), _scheduled(), False),  # prompt logprobs come from the first pass
 ], ids=["plain", "empty-drafts", "drafts", "seeded", "prompt-logprobs"])
 def test_fusable(runner, scheduled, expected):

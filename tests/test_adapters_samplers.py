@@ -104,3 +104,36 @@ def test_a_rejected_draft_voids_the_proposal(tiny_models):
     assert out.sampled_token_ids.tolist() == [[best, -1]]
     assert core.steps.current.proposals.rows.tolist() == [False]
     assert core.stats.drafts_proposed == 1 and core.stats.drafts_accepted == 0
+
+
+def test_a_seeded_row_emits_r_s_races_whatever_was_drafted(tiny_models):
+    """Sampled (T = 1), seeded: whether vLLM scheduled r's race winners or other tokens as
+    drafts, the emitted tokens are r's winners at output positions emitted + j (the request's
+    third step: 5 tokens emitted before it), and T's proposal is its own race at the next one."""
+    from vllm_cos.coupling import race, race_noise
+
+    cfg = _config(tiny_models, 2)
+    gen = torch.Generator().manual_seed(11)
+    target_logits = torch.randn(3, VOCAB, generator=gen)
+    group_raw = torch.randn(1, 2, 1, VOCAB, generator=gen)  # [request, draft, member, vocab]
+    combiner = build_combiner(cfg.rule, cfg.model_names)
+    r = torch.softmax(combiner(torch.stack([target_logits[:2], group_raw[0, :, 0]])), dim=-1)  # [2, V]
+    noise = race_noise(torch.tensor([42, 42, 42]), torch.tensor([5, 6, 7]), VOCAB)
+    winners = race(r, noise[:2]).tolist()
+    proposal = int(race(torch.softmax(target_logits[2], -1).unsqueeze(0), noise[2:])[0])
+    seeded = torch.Generator().manual_seed(42)
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["r0"]),
+                             requests={"r0": SimpleNamespace(output_token_ids=[1, 2, 3, 4, 5])})
+    outputs = []
+    for drafts in (winners, [(winners[0] + 1) % VOCAB, winners[1]], [winners[0], (winners[1] + 1) % VOCAB]):
+        core = CoSCore(cfg, VOCAB)
+        core.stash = DraftStash(2, 2, 1, VOCAB)
+        core.stash.put(["r0"], torch.tensor([drafts]), group_raw)
+        metadata = SimpleNamespace(num_draft_tokens=[2], max_spec_len=2, draft_token_ids=torch.tensor(drafts),
+                                   target_logits_indices=torch.tensor([0, 1]), bonus_logits_indices=torch.tensor([2]))
+        sampling = _sampling(temperature=torch.ones(1), generators={0: seeded})
+        out = CoSRejectionSampler(None, core, runner)(metadata, None, target_logits, sampling)
+        outputs.append(out.sampled_token_ids[0].tolist())
+    assert outputs[0] == winners + [proposal]  # both accepted, then T's proposal at position 7
+    assert outputs[1] == [winners[0], -1, -1]  # rejected at once: r's winner
+    assert outputs[2] == [winners[0], winners[1], -1]

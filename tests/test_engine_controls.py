@@ -135,7 +135,7 @@ def test_greedy_controls_identical_to_standard(engines, tok, forced_draft_length
     for name, (_, text) in batch:
         assert valid(name, text), f"{rule}/{schedule} batch {name}: invalid {text!r}"
     if schedule == "auto":
-        _assert_seed_reproduces_under_load(engines.get(rule, schedule), tok)
+        _assert_seed_reproduces_under_load(engines.get(rule, schedule), tok, forced_draft_lengths)
         _assert_fused_steps_give_standard(engines.get(rule, schedule), tok, forced_draft_lengths, rule)
     if schedule == "standard":
         _reference[rule] = singles, batch
@@ -189,8 +189,9 @@ def _assert_fused_steps_give_standard(llm, tok, force, rule):
 
 
 def test_fused_second_token_is_r(engines, tok, forced_draft_lengths, tiny_models):
-    """Fused steps draw from r: the second token of NUM_SAMPLES unseeded requests (one batch)
-    follows its marginal under r (chi-square), all fused and mixed with drafting steps."""
+    """Fused steps draw from r: the second token of NUM_SAMPLES requests (one batch; unseeded,
+    then one seed each) follows its marginal under r (chi-square), all fused and mixed with
+    drafting steps."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -201,16 +202,17 @@ def test_fused_second_token_is_r(engines, tok, forced_draft_lengths, tiny_models
     llm = engines.get("cd", "auto")
     prompt = tok.encode("    if x is ", add_special_tokens=False)
     expected = r_second_token(load_config(cos_spec(tiny_models, "cd", "auto")), prompt).numpy()
-    for pattern in FORCED:
+    for pattern, seeded in [(p, s) for p in FORCED for s in (False, True)]:
         forced_draft_lengths(pattern)
         before = _fused_steps(llm)
-        params = [SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True) for _ in range(NUM_SAMPLES)]
+        params = [SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True, seed=i if seeded else None)
+                  for i in range(NUM_SAMPLES)]  # seeded: position-keyed races, one seed per request
         outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * NUM_SAMPLES, params, use_tqdm=False)
         assert _fused_steps(llm) > before, f"{pattern}: no step was fused"
         counts = Counter(o.outputs[0].token_ids[1] for o in outs)
         observed = [counts.get(t, 0) for t in range(len(expected))]
         p_value = chi2_pvalue(observed, expected)
-        assert p_value > P_THRESHOLD, f"{pattern}: second token, chi-square p = {p_value:.2e}"
+        assert p_value > P_THRESHOLD, f"{pattern} (seeded {seeded}): second token, chi-square p = {p_value:.2e}"
 
 
 def test_fused_steps_report_logprobs_of_r(engines, tok, forced_draft_lengths, tiny_models):
@@ -255,9 +257,10 @@ def test_prompt_logprobs_are_log_r_while_steps_fuse(engines, tok, forced_draft_l
     assert_prompt_logprobs_are_log_r(llm, prompts, lambda prompt: reference_log_r(cfg, prompt))
 
 
-def _assert_seed_reproduces_under_load(llm, tok):
+def _assert_seed_reproduces_under_load(llm, tok, force):
     """gamma: auto picks each step's drafts from the load; a seeded request's text must not
-    depend on it: alone, and among 15 unseeded requests, it is the same."""
+    depend on it (vllm_cos.coupling): alone, among 15 unseeded requests, and with the draft
+    lengths forced (every step fused, or fused steps mixed with drafting ones), it is the same."""
     from vllm import SamplingParams
 
     prompt = tok.encode("def parse(line):\n    ", add_special_tokens=False)
@@ -266,6 +269,10 @@ def _assert_seed_reproduces_under_load(llm, tok):
     alone = run_params(llm, [prompt], [seeded])[0]
     crowd = run_params(llm, [prompt] * 16, [others] * 8 + [seeded] + [others] * 7)
     assert crowd[8] == alone and run_params(llm, [prompt], [seeded])[0] == alone
+    for pattern in FORCED:
+        force(pattern)
+        crowd = run_params(llm, [prompt] * 16, [others] * 3 + [seeded] + [others] * 12)
+        assert crowd[3] == alone and run_params(llm, [prompt], [seeded])[0] == alone, pattern
 
 
 def run_params(llm, prompts, params):

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_cos.sampling import apply_sampling_params, draw_uniforms, sample_from_probs
+from vllm_cos.coupling import race, race_noise
+from vllm_cos.sampling import apply_sampling_params, sample_from_probs
 
 NEG_INF = float("-inf")
 
@@ -180,9 +181,15 @@ class Controls:
 
 
 class RowSampling:
-    """Per-row temperature / top-k / top-p / min_p / generator for rows of a batch of B requests."""
+    """Per-row temperature / top-k / top-p / min_p for rows of a batch of B requests.
 
-    def __init__(self, sampling_metadata, batch: int, device, min_p: torch.Tensor | None = None):
+    Seeded requests draw by position-keyed races (:mod:`vllm_cos.coupling`): ``seeds`` [B]
+    (a seeded request's generator's seed), ``seeded`` [B] and ``emitted`` [B] (output tokens of
+    each request before this step; a row at window offset j is output position emitted + j).
+    """
+
+    def __init__(self, sampling_metadata, batch: int, device, min_p: torch.Tensor | None = None,
+                 emitted: list[int] | None = None):
         sm = sampling_metadata
         self.temperature = (torch.zeros(batch, device=device) if sm.temperature is None
                             else sm.temperature[:batch].float())
@@ -191,6 +198,18 @@ class RowSampling:
         self.min_p = min_p
         gens = sm.generators or {}
         self.generators = [gens.get(i) for i in range(batch)]
+        self.seeded = self.seeds = self.emitted = None
+        if any(g is not None for g in self.generators):
+            if emitted is None:
+                raise ValueError("cos: seeded rows need each request's emitted-token count")
+            self.seeded = torch.tensor([g is not None for g in self.generators], device=device)
+            self.seeds = torch.tensor([0 if g is None else g.initial_seed() for g in self.generators],
+                                      dtype=torch.int64, device=device)
+            self.emitted = torch.tensor(emitted[:batch], dtype=torch.int64, device=device)
+
+    def noise(self, offset: torch.Tensor, vocab: int) -> torch.Tensor:
+        """Race noise [N, V] of rows (request i, output position emitted[i] + offset[i]) (N = B)."""
+        return race_noise(self.seeds, self.emitted + offset.to(self.emitted.device), vocab)
 
     def probs(self, logits: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
         """The distribution [N, V] of processed ``logits`` rows (one per request if no layout)."""
@@ -201,7 +220,10 @@ class RowSampling:
         return apply_sampling_params(logits, rows(self.temperature), rows(self.top_k), rows(self.top_p),
                                      rows(self.min_p))
 
-    def sample(self, probs: torch.Tensor) -> torch.Tensor:
-        """One token per request row of ``probs`` [B, V] (each seeded row from its own generator)."""
-        uniforms = torch.cat(draw_uniforms([1] * probs.shape[0], self.generators, probs.device))
-        return sample_from_probs(probs, uniforms)
+    def sample(self, probs: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """One token per request row of ``probs`` [B, V], the row of request i at output position
+        emitted[i] + ``offset[i]`` (a seeded row races there; see :mod:`vllm_cos.coupling`)."""
+        token = sample_from_probs(probs, torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device))
+        if self.seeded is None:
+            return token
+        return torch.where(self.seeded, race(probs, self.noise(offset, probs.shape[-1])), token)

@@ -13,8 +13,7 @@ what ``standard`` costs.
 A step is fused when, after the runner's ``_update_states`` and before its forward,
 
 * the previous step's proposer chose 0 drafts under ``gamma: auto`` (:attr:`FusedGroup.wanted`),
-* no request has drafts scheduled (nothing is left to verify against the stash),
-* no request is seeded (a seed's random stream must not depend on the load), and
+* no request has drafts scheduled (nothing is left to verify against the stash), and
 * no request wants prompt logprobs (those come from the proposer's first pass).
 
 The proposer of a fused step draws nothing; when the controller wants drafts again it first
@@ -26,7 +25,7 @@ forward puts the group's logits (``fused-planned``), its sampler takes them for 
 
 vLLM internals touched: ``GPUModelRunner._model_forward`` (keyword arguments ``input_ids``,
 ``positions``, ``intermediate_tensors``, ``inputs_embeds``), runner attributes ``drafter``,
-``input_batch.num_reqs``, ``input_batch.generators``, ``num_prompt_logprobs``,
+``input_batch.num_reqs``, ``num_prompt_logprobs``,
 ``query_start_loc.gpu``; ``SchedulerOutput.scheduled_spec_decode_tokens``.
 """
 
@@ -72,7 +71,7 @@ def fusable(runner, scheduler_output) -> bool:
     """Whether the step the runner is about to run may be fused (see the module's list)."""
     if any(scheduler_output.scheduled_spec_decode_tokens.values()):
         return False
-    return not runner.input_batch.generators and not runner.num_prompt_logprobs
+    return not runner.num_prompt_logprobs
 
 
 def group_logits_at_last_tokens(runner, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

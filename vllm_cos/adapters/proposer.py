@@ -13,8 +13,7 @@ runner's bookkeeping.  Per step:
 3. if many rows' tokens changed (a quarter of the batch or more), one single-token pass
    re-feeds them; otherwise the changed rows draft from the proposal's context and their drafts
    are voided in the stash (never verified: exact, just not accepted), which saves a pass of the
-   whole batch for a few rows (a seeded row is always re-fed, so that its random stream does not
-   depend on the batch).  Then the plan's members draft in turn, each from its proposal
+   whole batch for a few rows.  Then the plan's members draft in turn, each from its proposal
    q, and every member's logits go to the draft stash.  A step that drafts nothing draws the
    verified position straight from r (no re-feed can follow, so T's proposal buys nothing).
 
@@ -187,14 +186,15 @@ class CoSProposerMixin:
         layout = RowLayout.at(pending.slot)
         r = sampling.probs(step.controls.apply(log_r, layout, pending.grammar))
         if core.schedule == "naive" or direct:
-            new = sampling.sample(r)
+            new = sampling.sample(r, pending.slot)
         else:
             out = verify(tokens.unsqueeze(1), torch.ones_like(tokens), pending.proposal_probs.unsqueeze(1),
-                         torch.stack([r, torch.zeros_like(r)], dim=1),
-                         torch.zeros_like(tokens, dtype=torch.bool), sampling.generators)
+                         torch.stack([r, torch.zeros_like(r)], dim=1), torch.zeros_like(tokens, dtype=torch.bool))
             new = out.token_ids[:, 0]
+            if sampling.seeded is not None:  # r's own race at the proposal's position (vllm_cos.coupling)
+                new = torch.where(sampling.seeded, sampling.sample(r, pending.slot), new)
             core.stats.add("served_proposed", live.sum())
-            core.stats.add("served_accepted", (live & ~out.rejected).sum())
+            core.stats.add("served_accepted", (live & (new == tokens)).sum())
         new = torch.where(live, new, tokens)
         if step.logprobs is not None:
             self._fill_logprobs(step.logprobs, pending.slot, live, log_r, r, new)
@@ -212,14 +212,15 @@ class CoSProposerMixin:
             keep = live.view(-1, *([1] * (old.dim() - 1)))
             getattr(t, name)[index] = torch.where(keep, new.to(old.dtype), old)
 
-    def _draft(self, cad, last_hidden, positions, sampling, gamma, batch):
-        """The plan's gamma drafts [B, gamma] and every member's logits [B, gamma, M, V]."""
+    def _draft(self, cad, last_hidden, positions, sampling, gamma, batch, first_offset):
+        """The plan's gamma drafts [B, gamma] and every member's logits [B, gamma, M, V]; draft j
+        of request i is its output position emitted + ``first_offset[i]`` + j."""
         core = self.cos_core
         draft_ids, member_logits = [], []
         for j in range(gamma):
             group_logits = self.model.member_logits(last_hidden)  # [M, B, V]
             q = core.proposal_probs(group_logits[core.plan[j]], sampling)
-            token = sampling.sample(q)
+            token = sampling.sample(q, first_offset + j)
             draft_ids.append(token)
             member_logits.append(group_logits)
             if j + 1 < gamma:
@@ -241,7 +242,7 @@ class CoSProposerMixin:
         req_ids = tuple(self.cos_runner.input_batch.req_ids[:batch])
         step = core.steps.consume(req_ids)
         if step.fused:  # tokens final, drawn from r: no first pass to verify them
-            gamma = self._draft_length(batch, num_speculative_tokens, step.sampling.generators)
+            gamma = self._draft_length(batch, num_speculative_tokens)
             self._uncount_discarded(step, batch)
             drafts = torch.empty(batch, 0, dtype=torch.int64, device=next_token_ids.device)
             if gamma:  # drafts again: re-feed the sampled tokens first
@@ -262,7 +263,7 @@ class CoSProposerMixin:
         stash_group_scores(core, self.cos_runner, common_attn_metadata, cad, hidden, self.model.member_logits)
         token_indices = token_indices[:batch].long()
         group_logits = self.model.member_logits(hidden[token_indices - 1])  # [M, B, V] at the proposals
-        gamma = self._draft_length(batch, num_speculative_tokens, step.sampling.generators)
+        gamma = self._draft_length(batch, num_speculative_tokens)
         tokens = self._verify_proposals(step, group_logits, next_token_ids, batch, direct=gamma == 0)
         self._uncount_discarded(step, batch)
         drafts = self._draft_after(cad, hidden[token_indices], token_indices, tokens, next_token_ids, step,
@@ -282,10 +283,9 @@ class CoSProposerMixin:
             self.cos_core.stats.add("tokens_emitted", -discarded)
             self.cos_core.stats.add("row_steps", -discarded)
 
-    def _draft_length(self, batch: int, max_drafts: int, generators) -> int:
-        """This step's number of drafts: fixed, or chosen from measured cost and acceptance.
-        A batch with a seeded request drafts the maximum: a seed reproduces its text only if the
-        request's drafts do not depend on the load (as with a fixed gamma)."""
+    def _draft_length(self, batch: int, max_drafts: int) -> int:
+        """This step's number of drafts: fixed, or chosen from measured cost and acceptance (a
+        seeded request's text does not depend on it: vllm_cos.coupling)."""
         controller = self.cos_core.draft_length
         if controller is None:
             return max_drafts
@@ -297,8 +297,6 @@ class CoSProposerMixin:
             controller.observe(last_batch, k, now - t, *(counts[name] - seen[name] for name in _OBSERVED))
         before = controller.chosen()
         k = min(controller.choose(batch), max_drafts)
-        if any(g is not None for g in generators[:batch]):
-            k = max_drafts
         self.cos_core.fusion.wanted = k == 0  # the next step may then fuse (vllm_cos.adapters.fusion)
         if controller.chosen() != before and self.cos_core.metrics is not None:
             self.cos_core.metrics.draft_lengths(controller.chosen(), controller.acceptance)
@@ -319,14 +317,11 @@ class CoSProposerMixin:
             cad.seq_lens -= num_rejected_tokens_gpu
         if gamma == 0:
             return torch.empty(batch, 0, dtype=torch.int64, device=tokens.device)
-        void, num_changed, seeded_changed = None, 0, 0
+        void, num_changed = None, 0
         if last_hidden is not None:
             changed = tokens != next_token_ids[:batch].long()  # [B]
-            seeded = torch.tensor([g is not None for g in step.sampling.generators[:batch]],
-                                  dtype=torch.bool, device=changed.device)  # [B]
-            # one host sync per step; a seeded row is never voided (its stream must not depend on the batch)
-            num_changed, seeded_changed = torch.stack([changed.sum(), (changed & seeded).sum()]).tolist()
-        if last_hidden is None or seeded_changed or (num_changed and num_changed * REFEED_SHARE >= batch):
+            num_changed = int(changed.sum())  # one host sync per step
+        if last_hidden is None or (num_changed and num_changed * REFEED_SHARE >= batch):
             # Re-feed the verified token at the same position (overwrites the proposal's KV).
             cad.seq_lens -= 1
             cad.max_seq_len = max(cad.max_seq_len - 1, 1)
@@ -338,7 +333,8 @@ class CoSProposerMixin:
             void = changed
             self.cos_core.stats.add("voided_rows", num_changed)
         self.cos_core.stats.add("drafted_rows", batch)
-        drafts, member_logits = self._draft(cad, last_hidden, positions, step.sampling, gamma, batch)
+        drafts, member_logits = self._draft(cad, last_hidden, positions, step.sampling, gamma, batch,
+                                            step.proposals.slot[:batch] + 1)
         self.cos_core.stash.put(step.req_ids, drafts, member_logits, void)
         return drafts
 

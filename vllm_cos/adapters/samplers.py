@@ -31,6 +31,7 @@ import torch
 
 from vllm_cos.adapters.controls import Controls, RowLayout, RowSampling
 from vllm_cos.adapters.step import ServedProposals, StepInvariantError
+from vllm_cos.coupling import coupled_verify, race_noise
 from vllm_cos.verify import verify
 
 
@@ -60,7 +61,12 @@ class _CoSSamplerBase:
     def _batch_state(self, sampling_metadata, batch: int, device):
         req_ids = tuple(self._runner.input_batch.req_ids[:batch])  # fewer in profiling runs
         controls = Controls(sampling_metadata, batch, self._core.tokenizer_size, device)
-        return req_ids, controls, RowSampling(sampling_metadata, batch, device, controls.min_p)
+        emitted = None
+        if sampling_metadata.generators:  # seeded rows race at their output positions
+            requests = self._runner.requests
+            emitted = [len(requests[r].output_token_ids) if r in requests else 0 for r in req_ids]
+            emitted += [0] * (batch - len(emitted))
+        return req_ids, controls, RowSampling(sampling_metadata, batch, device, controls.min_p, emitted)
 
     def _sample_fused(self, logits, group_logits, grammar, sampling_metadata):
         """A fused step (:mod:`vllm_cos.adapters.fusion`): the next token straight from r, built
@@ -74,8 +80,8 @@ class _CoSSamplerBase:
         r = sampling.probs(controls.apply(log_r, RowLayout.at(zeros), grammar))
         nothing = ServedProposals(rows=torch.zeros(batch, dtype=torch.bool, device=device), slot=zeros,
                                   target_logits=log_r, proposal_probs=r, grammar=grammar)
-        return self._one_token_step(sampling.sample(r), nothing, req_ids, controls, sampling, sampling_metadata,
-                                    fused=True)
+        return self._one_token_step(sampling.sample(r, zeros), nothing, req_ids, controls, sampling,
+                                    sampling_metadata, fused=True)
 
     def _one_token_step(self, token, proposals, req_ids, controls, sampling, sampling_metadata, fused=False):
         """Open the step of a one-token-per-row sample (``token`` [B]) and return its output; the
@@ -93,9 +99,9 @@ class _CoSSamplerBase:
         return _sampler_output(token.unsqueeze(1), rows)
 
     def _propose(self, target_logits, position, grammar, controls, sampling):
-        """T's proposal at ``position`` [B]: (token [B], proposal probs [B, V])."""
+        """T's proposal at window ``position`` [B]: (token [B], proposal probs [B, V])."""
         proposal = sampling.probs(controls.apply(target_logits, RowLayout.at(position), grammar))
-        return sampling.sample(proposal), proposal
+        return sampling.sample(proposal, position), proposal
 
 
 class CoSPlainSampler(_CoSSamplerBase):
@@ -139,6 +145,19 @@ def draft_grid(metadata, device):
     return row_index, torch.where(is_draft, scheduled[flat], -1)[:, :k], counts
 
 
+def _coupled_rows(sampling, drafts, usable, r, token_ids, accepted, rejected):
+    """Seeded rows' verification replaced by :func:`vllm_cos.coupling.coupled_verify` (window
+    column j = output position emitted + j); unseeded rows keep the min(1, r/q) result."""
+    batch, k, vocab = r.shape
+    offsets = torch.arange(k, device=r.device).repeat(batch)  # [B * K]
+    rows = torch.arange(batch, device=r.device).repeat_interleave(k)
+    noise = race_noise(sampling.seeds[rows], sampling.emitted[rows] + offsets, vocab).view(batch, k, vocab)
+    coupled = coupled_verify(drafts, usable, r, noise)
+    seeded = sampling.seeded
+    return (torch.where(seeded.unsqueeze(1), coupled.token_ids, token_ids),
+            torch.where(seeded, coupled.num_accepted, accepted), torch.where(seeded, coupled.rejected, rejected))
+
+
 class CoSRejectionSampler(_CoSSamplerBase):
     """``runner.rejection_sampler``: the group's drafts against r, then T's proposal."""
 
@@ -172,8 +191,11 @@ class CoSRejectionSampler(_CoSSamplerBase):
             drafts = torch.where(torch.arange(k, device=device) < usable.unsqueeze(1), scheduled, 0)
             out = verify(drafts, usable, core.draft_proposals(member_logits, sampling),
                          torch.cat([r, r.new_zeros(batch, 1, vocab)], dim=1),
-                         torch.zeros(batch, dtype=torch.bool, device=device), sampling.generators)
+                         torch.zeros(batch, dtype=torch.bool, device=device))
             token_ids, accepted, rejected = out.token_ids, out.num_accepted, out.rejected
+            if sampling.seeded is not None:  # seeded rows: position-keyed races (vllm_cos.coupling)
+                token_ids, accepted, rejected = _coupled_rows(sampling, drafts, usable, r, token_ids, accepted,
+                                                              rejected)
         else:
             log_r = r = None
             token_ids = torch.full((batch, 1), -1, dtype=torch.long, device=device)

@@ -108,7 +108,7 @@ _PROPOSER_ENTRIES = [
     Entry("vllm.v1.attention.backend", "CommonAttentionMetadata.batch_size", "method", (), "proposer"),
     *_attrs("vllm.v1.attention.backend", "CommonAttentionMetadata", "num_actual_tokens max_query_len "
             "query_start_loc query_start_loc_cpu seq_lens max_seq_len slot_mapping", "proposer, prompt_logprobs"),
-    *_attrs("vllm.v1.worker.gpu_input_batch", "InputBatch", "req_ids req_id_to_index num_reqs generators",
+    *_attrs("vllm.v1.worker.gpu_input_batch", "InputBatch", "req_ids req_id_to_index num_reqs",
             "samplers, prompt_logprobs, fusion"),
 ]
 
@@ -145,6 +145,7 @@ _SAMPLING = [
            "output_token_ids"), "controls"),
     *_attrs("vllm.v1.worker.gpu_input_batch", "CachedRequestState",
             "prompt_token_ids num_computed_tokens in_progress_prompt_logprobs_cpu", "prompt_logprobs"),
+    *_attrs("vllm.v1.worker.gpu_input_batch", "CachedRequestState", "output_token_ids", "samplers"),
     Entry("vllm.v1.utils", "CpuGpuBuffer.np", "attribute", None, "prompt_logprobs"),
 ]
 

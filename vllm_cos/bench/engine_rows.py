@@ -83,7 +83,7 @@ def generate_timed(llm, prompts: list[list[int]], batch: int, temperature: float
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    def params(i):  # unseeded: a seeded request makes gamma: auto draft its maximum (see the README)
+    def params(i):  # unseeded: seeded requests race (vllm_cos.coupling), a slightly lower acceptance
         return SamplingParams(temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
                               top_k=0 if temperature > 0 else -1)
 
