@@ -25,8 +25,12 @@ class _Core:
     def crop(self, logits):
         return logits[..., :VOCAB].float()
 
-    def combine(self, target_logits, group_logits):
+    def combine(self, target_logits, group_logits, row_params=None):
+        assert row_params is None  # no request here sets its own rule parameters
         return torch.log_softmax(target_logits + group_logits[0], dim=-1)
+
+    def request_overrides(self, runner, req_ids, device):
+        return None
 
 
 def _runner(prompt, hidden, computed, k=2):

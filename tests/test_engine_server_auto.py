@@ -72,3 +72,31 @@ def test_auto_serves_greedy_text_of_standard_with_fused_and_drafting_steps(serve
     assert stats and all(s.get("stash_requests", -1) == 0 for s in stats), stats
     assert sum(s["fused_steps"] for s in stats) > 0 and sum(s["drafts_proposed"] for s in stats) > 0, stats
     assert any(name.startswith("vllm_cos_draft_length{") for name in server.metrics())
+
+
+def test_per_request_settings_over_http(server, expected, tiny_models):
+    """``vllm_xargs``: a valid ``cos_weights`` serves that row's r (greedy: its reference text);
+    an invalid one is HTTP 400 naming the key, and the server answers the next request."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from vllm_cos import reference
+    from vllm_cos.config import load_config
+
+    def post(xargs):
+        body = {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0,
+                "ignore_eos": True, "vllm_xargs": xargs}
+        return httpx.post(server.base + "/v1/completions", json=body, timeout=120, trust_env=False)
+
+    for xargs, key in [({"cos_weights": [0.6, 0.6]}, "cos_weights"), ({"cos_weights": [0.5]}, "cos_weights"),
+                       ({"cos_mu": 0.3}, "cos_mu"), ({"cos_speculate": 3}, "cos_speculate"), ({"cos_x": 1}, "cos_x")]:
+        r = post(xargs)
+        assert r.status_code == 400 and key in r.text, (xargs, r.status_code, r.text[:300])
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["large"]))
+    cfg = load_config({"models": [{"name": "large", "path": str(tiny_models["large"])},
+                                  {"name": "small", "path": str(tiny_models["small"])}],
+                       "rule": {"name": "weighted_ensemble", "weights": [0.9, 0.1]}, "schedule": "standard"})
+    want = tok.decode(reference.generate(cfg, [tok.encode(PROMPTS[0])], MAX_TOKENS)[0])
+    r = post({"cos_weights": [0.9, 0.1]})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+    assert post(None).json()["choices"][0]["text"] == expected[0]

@@ -10,7 +10,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vllm_cos"
-CORE = ["combine", "sampling", "verify", "ledger", "schedule", "config", "rules", "cosd", "model_files"]
+CORE = ["combine", "sampling", "verify", "ledger", "schedule", "config", "rules", "cosd", "model_files",
+        "coupling", "overrides"]
 ENGINE_SETUP = ["engine"]
 ABOVE_ADAPTERS = ("vllm_cos.offline", "vllm_cos.cli", "vllm_cos.bench", "vllm_cos.demo")
 

@@ -34,10 +34,11 @@ def register_rule(name: str):
 
 def weighted_ensemble(
     member_logits: torch.Tensor,  # [num_models, num_tokens, vocab]
-    weights: torch.Tensor,  # [num_models], sums to 1
+    weights: torch.Tensor,  # [num_models] (or [num_models, num_tokens]: per row), sums to 1
 ) -> torch.Tensor:  # [num_tokens, vocab] = log(sum_k w_k softmax(l_k))
     member_logprobs = torch.log_softmax(member_logits.float(), dim=-1)
-    log_weights = torch.log(weights.float().to(member_logits.device)).view(-1, 1, 1)
+    log_weights = torch.log(weights.float().to(member_logits.device))
+    log_weights = log_weights.view(*log_weights.shape, *([1] * (3 - log_weights.dim())))
     return torch.logsumexp(member_logprobs + log_weights, dim=0)
 
 
@@ -45,12 +46,14 @@ def contrastive(
     member_logits: torch.Tensor,  # [num_models, num_tokens, vocab]
     expert: int,
     amateur: int,
-    mu: float,
+    mu: float | torch.Tensor,  # or [num_tokens]: per row
 ) -> torch.Tensor:  # [num_tokens, vocab] = l_expert - mu * l_amateur
     expert_logits = member_logits[expert].float()
     amateur_logits = member_logits[amateur].float()
     # A token masked (-inf) for either model stays masked.
     masked = torch.isinf(expert_logits) | torch.isinf(amateur_logits)
+    if isinstance(mu, torch.Tensor):
+        mu = mu.float().to(member_logits.device).view(-1, 1)
     combined = expert_logits - mu * amateur_logits
     return combined.masked_fill(masked, float("-inf"))
 
@@ -58,13 +61,13 @@ def contrastive(
 @register_rule("weighted_ensemble")
 def _build_weighted_ensemble(rule, model_names: list[str]) -> CombineFn:
     weights = torch.tensor([rule.weights[name] for name in model_names], dtype=torch.float32)
-    return lambda member_logits: weighted_ensemble(member_logits, weights)
+    return lambda member_logits, weights=weights: weighted_ensemble(member_logits, weights)
 
 
 @register_rule("contrastive")
 def _build_contrastive(rule, model_names: list[str]) -> CombineFn:
     expert, amateur = model_names.index(rule.expert), model_names.index(rule.amateur)
-    return lambda member_logits: contrastive(member_logits, expert, amateur, rule.mu)
+    return lambda member_logits, mu=rule.mu: contrastive(member_logits, expert, amateur, mu)
 
 
 @register_rule("custom")
@@ -119,8 +122,10 @@ class Combiner:
     model_names: tuple[str, ...]
     fn: CombineFn
 
-    def __call__(self, member_logits: torch.Tensor) -> torch.Tensor:
-        return self.fn(member_logits)  # [num_tokens, vocab]
+    def __call__(self, member_logits: torch.Tensor, **row_params) -> torch.Tensor:
+        """log r [num_tokens, vocab]; ``row_params``: per-row rule parameters (``weights``
+        [num_models, num_tokens] or ``mu`` [num_tokens], vllm_cos.overrides)."""
+        return self.fn(member_logits, **row_params) if row_params else self.fn(member_logits)
 
 
 def build_combiner(rule, model_names) -> Combiner:

@@ -83,8 +83,9 @@ def _processors(sampling_metadata):
 class Controls:
     """The request controls of one batch (B requests, vocabulary V), ready to apply to rows."""
 
-    def __init__(self, sampling_metadata, batch: int, vocab: int, device):
+    def __init__(self, sampling_metadata, batch: int, vocab: int, device, overrides=None):
         self.sm = sampling_metadata
+        self.overrides = overrides  # BatchOverrides | None: the requests' own rule parameters
         self.batch, self.vocab, self.device = batch, vocab, device
         procs = _processors(sampling_metadata)
         if procs["other"]:
@@ -135,6 +136,10 @@ class Controls:
         return proc.min_p_cpu_tensor[: self.batch].to(self.device, torch.float32)
 
     # ------------------------------------------------------------------ rows
+    def rule_params(self, layout: RowLayout) -> dict | None:
+        """The combination rule's parameters of each row's request (None: the configuration's)."""
+        return None if self.overrides is None else self.overrides.rows(layout.request)
+
     def history(self, layout: RowLayout) -> list[list[int]]:
         """The tokens before each row: output plus the scheduled drafts before its position."""
         outputs = self.sm.output_token_ids

@@ -11,6 +11,7 @@ import torch
 from vllm_cos.adaptive import DraftLengthController
 from vllm_cos.combine import build_combiner
 from vllm_cos.engine import draft_plan
+from vllm_cos.overrides import BatchOverrides, parse_request
 from vllm_cos.adapters.fusion import FusedGroup
 from vllm_cos.adapters.prompt_logprobs import PromptScores
 from vllm_cos.adapters.step import GrammarHandoff, StepChannel
@@ -86,13 +87,24 @@ class CoSCore:
         self.logprobs_mode = "raw_logprobs"
         self.metrics = None  # CoSMetrics, set in the worker
 
-    def combine(self, target_logits: torch.Tensor, group_logits: torch.Tensor) -> torch.Tensor:
-        """log r [N, V] from T's raw logits [N, V] and the group's [num_members, N, V]."""
+    def combine(self, target_logits: torch.Tensor, group_logits: torch.Tensor,
+                row_params: dict | None = None) -> torch.Tensor:
+        """log r [N, V] from T's raw logits [N, V] and the group's [num_members, N, V];
+        ``row_params``: the rows' own rule parameters (requests' settings, vllm_cos.overrides)."""
         members = [None] * (len(self.group) + 1)
         members[self.target_index] = target_logits.float()
         for position, index in enumerate(self.group):
             members[index] = group_logits[position].float()
-        return self.combiner(torch.stack(members))
+        return self.combiner(torch.stack(members), **(row_params or {}))
+
+    def request_overrides(self, runner, req_ids, device):
+        """The batch's per-request collaboration settings (None: no request sets any)."""
+        requests = getattr(runner, "requests", None) or {}
+        extra = [getattr(getattr(requests[r], "sampling_params", None), "extra_args", None) if r in requests
+                 else None for r in req_ids]
+        if not any(extra):
+            return None
+        return BatchOverrides.build([parse_request(e, self.cfg) for e in extra], self.cfg, device)
 
     def crop(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[..., : self.tokenizer_size].float()

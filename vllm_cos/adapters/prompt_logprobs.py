@@ -79,7 +79,9 @@ def _scores(core, runner, hidden_states, req_id: str, start: int, count: int) ->
     group = core.prompt_scores.take(req_id)[:, :count]
     offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
     target = core.crop(runner.model.compute_logits(hidden_states[offset: offset + count]))
-    log_r = core.combine(target, group)
+    overrides = core.request_overrides(runner, [req_id], target.device)
+    log_r = core.combine(target, group, None if overrides is None else
+                         overrides.rows(torch.zeros(count, dtype=torch.long, device=target.device)))
     if runner.model_config.logprobs_mode in ("raw_logits", "processed_logits"):
         return log_r
     return torch.log_softmax(log_r, dim=-1)

@@ -182,8 +182,8 @@ class CoSProposerMixin:
         if step.discard is not None:
             live = live & ~step.discard[:batch].bool()
         tokens = next_token_ids[:batch].long()
-        log_r = core.combine(pending.target_logits, group_logits)
         layout = RowLayout.at(pending.slot)
+        log_r = core.combine(pending.target_logits, group_logits, step.controls.rule_params(layout))
         r = sampling.probs(step.controls.apply(log_r, layout, pending.grammar))
         if core.schedule == "naive" or direct:
             new = sampling.sample(r, pending.slot)

@@ -7,15 +7,22 @@ CoS configuration the refusal is lifted.  What CoS cannot apply at draft positio
 per request instead, with vLLM's validation error (HTTP 400 naming the parameter):
 ``thinking_token_budget``.
 
+A request's own collaboration settings (``extra_args`` / ``vllm_xargs`` keys ``cos_weights``,
+``cos_mu``, ``cos_speculate``; :mod:`vllm_cos.overrides`) are validated here against the
+engine's CoS configuration, on every CoS engine: an invalid one is HTTP 400 naming the key.
+Under ``standard`` they are refused (its served model combines the members with the file's
+parameters for every request).
+
 vLLM internals touched: ``InputProcessor._validate_params`` (``self.vllm_config``),
-``SamplingParams._validate_spec_decode``, ``VLLMValidationError``.
+``SamplingParams._validate_spec_decode``, ``SamplingParams.extra_args``, ``VLLMValidationError``.
 """
 
 from __future__ import annotations
 
 import contextvars
 
-from vllm_cos.engine import ADDITIONAL_CONFIG_KEY
+from vllm_cos.engine import ADDITIONAL_CONFIG_KEY, config_from_additional
+from vllm_cos.overrides import OverrideError, parse_request
 
 _cos_engine = contextvars.ContextVar("cos_engine", default=False)
 _installed = False
@@ -24,6 +31,33 @@ _installed = False
 def is_cos_speculative(vllm_config) -> bool:
     additional = getattr(vllm_config, "additional_config", None) or {}
     return getattr(vllm_config, "speculative_config", None) is not None and ADDITIONAL_CONFIG_KEY in additional
+
+
+_configs: dict[int, object] = {}  # id(vllm_config) -> its CoSConfig (parsed once)
+
+
+def cos_config_of(vllm_config):
+    """The CoS configuration an engine runs (None: not a CoS engine)."""
+    key = id(vllm_config)
+    if key not in _configs:
+        carried = config_from_additional(getattr(vllm_config, "additional_config", None))
+        _configs[key] = None if carried is None else carried[0]
+    return _configs[key]
+
+
+def check_overrides(params, cfg) -> None:
+    """A request's CoS settings, validated against ``cfg`` (raises VLLMValidationError)."""
+    from vllm.exceptions import VLLMValidationError
+
+    extra = getattr(params, "extra_args", None)
+    try:
+        parsed = parse_request(extra, cfg)
+    except OverrideError as exc:
+        raise VLLMValidationError(f"vllm_xargs / extra_args: {exc}", parameter=exc.field, value=exc.value) from None
+    if parsed is not None and cfg.schedule == "standard":
+        key = next(k for k in extra if str(k).startswith("cos_"))
+        raise VLLMValidationError(f"vllm_xargs / extra_args: {key}: per-request CoS settings need schedule naive "
+                                  f"or alternate; this server runs standard", parameter=key, value=extra[key])
 
 
 def check_for_cos(params) -> None:
@@ -48,6 +82,9 @@ def install() -> None:
     stock_validate_spec = SamplingParams._validate_spec_decode
 
     def _validate_params(self, params, *args, **kwargs):
+        cfg = cos_config_of(self.vllm_config)
+        if cfg is not None:
+            check_overrides(params, cfg)
         token = _cos_engine.set(is_cos_speculative(self.vllm_config))
         try:
             return stock_validate_params(self, params, *args, **kwargs)

@@ -60,7 +60,8 @@ class _CoSSamplerBase:
 
     def _batch_state(self, sampling_metadata, batch: int, device):
         req_ids = tuple(self._runner.input_batch.req_ids[:batch])  # fewer in profiling runs
-        controls = Controls(sampling_metadata, batch, self._core.tokenizer_size, device)
+        overrides = self._core.request_overrides(self._runner, req_ids + (None,) * (batch - len(req_ids)), device)
+        controls = Controls(sampling_metadata, batch, self._core.tokenizer_size, device, overrides)
         emitted = None
         if sampling_metadata.generators:  # seeded rows race at their output positions
             requests = self._runner.requests
@@ -74,9 +75,9 @@ class _CoSSamplerBase:
         core = self._core
         batch, device = logits.shape[0], logits.device
         req_ids, controls, sampling = self._batch_state(sampling_metadata, batch, device)
-        log_r = core.combine(core.crop(logits), group_logits)
-        grammar = None if grammar is None else core.crop(grammar)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        log_r = core.combine(core.crop(logits), group_logits, controls.rule_params(RowLayout.at(zeros)))
+        grammar = None if grammar is None else core.crop(grammar)
         r = sampling.probs(controls.apply(log_r, RowLayout.at(zeros), grammar))
         nothing = ServedProposals(rows=torch.zeros(batch, dtype=torch.bool, device=device), slot=zeros,
                                   target_logits=log_r, proposal_probs=r, grammar=grammar)
@@ -182,10 +183,13 @@ class CoSRejectionSampler(_CoSSamplerBase):
         stashed, member_logits = stashed.to(device), member_logits.to(device)
         usable = (stashed == scheduled).long().cumprod(dim=1).sum(dim=1)  # [B]
         rows = torch.arange(batch, device=device)
+        if controls.overrides is not None and controls.overrides.no_speculation is not None:
+            usable = torch.where(controls.overrides.no_speculation, 0, usable)  # cos_speculate: 0
         if k > 0:
-            log_r = core.combine(target_rows[:, :k].reshape(-1, vocab),
-                                 member_logits.float().reshape(batch * k, -1, vocab).transpose(0, 1))
             layout = RowLayout.grid(batch, k, device)
+            log_r = core.combine(target_rows[:, :k].reshape(-1, vocab),
+                                 member_logits.float().reshape(batch * k, -1, vocab).transpose(0, 1),
+                                 controls.rule_params(layout))
             grammar_k = None if grammar_rows is None else grammar_rows[:, :k].reshape(-1, vocab)
             r = sampling.probs(controls.apply(log_r, layout, grammar_k), layout).view(batch, k, vocab)
             drafts = torch.where(torch.arange(k, device=device) < usable.unsqueeze(1), scheduled, 0)

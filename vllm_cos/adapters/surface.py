@@ -145,7 +145,8 @@ _SAMPLING = [
            "output_token_ids"), "controls"),
     *_attrs("vllm.v1.worker.gpu_input_batch", "CachedRequestState",
             "prompt_token_ids num_computed_tokens in_progress_prompt_logprobs_cpu", "prompt_logprobs"),
-    *_attrs("vllm.v1.worker.gpu_input_batch", "CachedRequestState", "output_token_ids", "samplers"),
+    *_attrs("vllm.v1.worker.gpu_input_batch", "CachedRequestState", "output_token_ids sampling_params",
+            "samplers, core"),
     Entry("vllm.v1.utils", "CpuGpuBuffer.np", "attribute", None, "prompt_logprobs"),
 ]
 
@@ -156,6 +157,7 @@ _ENGINE = [
     Entry("vllm.sampling_params", "SamplingParams._validate_spec_decode", "method", ("speculative_config",),
           "request_checks"),
     Entry("vllm.sampling_params", "SamplingParams.thinking_token_budget", "attribute", None, "request_checks"),
+    Entry("vllm.sampling_params", "SamplingParams.extra_args", "attribute", None, "request_checks, core"),
     Entry("vllm.exceptions", "VLLMValidationError.__init__", "method", ("message", "parameter", "value"),
           "request_checks"),
     Entry(_ARGS, "EngineArgs.add_cli_args", "method", ("parser",), "engine_args"),
