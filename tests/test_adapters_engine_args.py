@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -238,6 +239,34 @@ def test_five_models_refused(models, tmp_path):
         spec["models"].append({"name": name, "path": str(tmp_path / name)})
     with pytest.raises(engine.CoSStartupError, match="supports up to 4 collaborating models, got 5"):
         engine.prepare_engine(spec, str(models["large"]), env={})
+
+
+def test_parallelism(models):
+    """Tensor parallel runs with a fixed gamma (verified greedy- and seed-identical to one rank, see
+    the README); pipeline and data parallel, and gamma: auto under tensor parallel, are refused."""
+    fixed, auto = _spec(models), {**_spec(models), "models": [{"name": "large", "path": str(models["large"])},
+                                                              {"name": "small", "path": str(models["small"])}]}
+    cfg, _ = engine.prepare_engine(fixed, str(models["large"]), env={}, parallel={"tensor": 2})
+    assert cfg.draft_length == "fixed"
+    standard = {**auto, "schedule": "standard"}  # standard drafts nothing: auto does not apply
+    engine.prepare_engine(standard, str(models["large"]), env={}, parallel={"tensor": 2})
+    for spec, parallel, words in [(fixed, {"pipeline": 2}, "--pipeline-parallel-size 2 is not supported"),
+                                  (auto, {"tensor": 2}, "cos config: gamma: 'auto' (the default without a gamma)"),
+                                  (fixed, {"data": 2}, "--data-parallel-size 2 is not supported")]:
+        with pytest.raises(engine.CoSStartupError, match=re.escape(words)):
+            engine.prepare_engine(spec, str(models["large"]), env={}, parallel=parallel)
+    engine.prepare_engine(auto, str(models["large"]), env={}, parallel={"tensor": 1, "pipeline": 1, "data": 1})
+
+
+def test_ray_is_refused_on_cpu(models):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_cos.adapters.engine_args import apply_cos
+
+    args = EngineArgs(model=str(models["large"]), speculative_config=_spec(models),
+                      distributed_executor_backend="ray")
+    with pytest.raises(engine.CoSStartupError, match="CPU platform does not support ray"):
+        apply_cos(args)
 
 
 def test_kv_share_line():

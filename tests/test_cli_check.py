@@ -141,3 +141,15 @@ def test_a_custom_rule_is_tried_once_at_start(models, tmp_path, capsys, function
     else:
         assert rc == 1 and err.startswith("error: cos config: rule.function: a trial combination"), err
         assert words in err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--data-parallel-size", "2"], "--data-parallel-size 2 is not supported"),
+    (["-dp=2"], "--data-parallel-size 2 is not supported"),
+    (["--pipeline-parallel-size", "2"], "--pipeline-parallel-size 2 is not supported"),
+])
+def test_serve_refuses_pipeline_and_data_parallel_before_vllm_starts(models, tmp_path, capsys, flags, words):
+    path = _write(tmp_path, _two(models))
+    assert main(["serve", str(models["large"]), "--speculative-config", path, *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cos: ") and words in err

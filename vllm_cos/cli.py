@@ -168,10 +168,10 @@ def check(argv: list[str]) -> int:
     return 0
 
 
-def spec_argument(args: list[str]) -> str | None:
-    """The ``--speculative-config`` / ``-sc`` value of a command line (None if absent)."""
+def option_value(args: list[str], flags: tuple[str, ...]) -> str | None:
+    """The value of a command line's option given under any of ``flags`` (None if absent)."""
     for i, arg in enumerate(args):
-        for flag in ("--speculative-config", "-sc"):
+        for flag in flags:
             if arg == flag and i + 1 < len(args):
                 return args[i + 1]
             if arg.startswith(flag + "="):
@@ -184,12 +184,16 @@ def precheck_spec(args: list[str]) -> str | None:
     from vllm_cos import engine
     from vllm_cos.config import ConfigError
 
-    value = spec_argument(args)
+    value = option_value(args, ("--speculative-config", "-sc"))
     if value is None or not engine.is_cos_spec(value):
         return None
     try:
         engine.parse_cli_value(value)
-    except ConfigError as exc:
+        sizes = {key: option_value(args, flags) for key, flags in (
+            ("pipeline", ("--pipeline-parallel-size", "-pp")), ("data", ("--data-parallel-size", "-dp")))}
+        # refused here: with these, vllm serve starts processes before the engine arguments are read
+        engine.check_parallel(None, **{k: int(v) for k, v in sizes.items() if v is not None and v.isdigit()})
+    except (ConfigError, engine.CoSStartupError) as exc:
         return f"error: {exc}"
     return None
 

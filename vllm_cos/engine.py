@@ -395,6 +395,25 @@ def check_runner(env: Mapping[str, str] | None = None, async_scheduling: bool | 
             f"drop --async-scheduling")
 
 
+def check_parallel(cfg: CoSConfig | None, pipeline: int = 1, tensor: int = 1, data: int = 1) -> None:
+    """What parallelism a CoS engine runs under (tensor parallel: every collaborator sharded like
+    the served model, verified greedy- and seed-identical to one rank); ``cfg`` None: the checks
+    that need no configuration."""
+    if pipeline > 1:
+        raise CoSStartupError(
+            f"cos: --pipeline-parallel-size {pipeline} is not supported: CoS combines every collaborator's "
+            f"logits inside one engine step, which a pipeline splits across ranks; use --tensor-parallel-size")
+    if cfg is not None and tensor > 1 and cfg.schedule != "standard" and cfg.draft_length == "auto":
+        raise CoSStartupError(
+            f"cos config: gamma: 'auto' (the default without a gamma) is not supported with "
+            f"--tensor-parallel-size {tensor}: each rank would choose its draft lengths from its own "
+            f"step times; give a fixed gamma (e.g. gamma: 3)")
+    if data > 1:
+        raise CoSStartupError(
+            f"cos: --data-parallel-size {data} is not supported yet (CoS is verified with one engine "
+            f"replica); run one server per replica behind your load balancer")
+
+
 def engine_dtype(cfg: CoSConfig, requested: Any = "auto") -> str | None:
     """The ``dtype`` engine argument the file's per-model ``dtype`` fields ask for (or None).
 
@@ -442,11 +461,13 @@ def engine_overrides(cfg: CoSConfig, tokenizer_size: int) -> dict[str, Any]:
 
 
 def prepare_engine(spec: Any, served_model: str, env: Mapping[str, str] | None = None,
-                   async_scheduling: bool | None = None,
-                   dtype: Any = "auto") -> tuple[CoSConfig, dict[str, Any]]:
-    """Everything checked before an engine starts; returns (config, engine overrides)."""
+                   async_scheduling: bool | None = None, dtype: Any = "auto",
+                   parallel: Mapping[str, int] | None = None) -> tuple[CoSConfig, dict[str, Any]]:
+    """Everything checked before an engine starts; returns (config, engine overrides).
+    ``parallel``: the engine's ``pipeline`` / ``tensor`` / ``data`` parallel sizes."""
     check_runner(env, async_scheduling)
     cfg, notes = resolve_spec(spec, served_model)
+    check_parallel(cfg, **(parallel or {}))
     for note in notes:
         logger.warning("cos config: %s", note)
     check_model_files(cfg)

@@ -52,13 +52,27 @@ def merge_worker_extension(existing: str | None, ours: str) -> str:
         f"cos_stats); make your class subclass {ours} and pass it")
 
 
+def check_executor(backend) -> None:
+    """vLLM's CPU platform has no ray executor (its engine core dies with a traceback): one line."""
+    if backend != "ray":
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        raise engine.CoSStartupError("cos: --distributed-executor-backend ray: vLLM's CPU platform does not "
+                                     "support ray; use the default multiprocessing executor (mp)")
+
+
 def apply_cos(args) -> bool:
     """Rewrite an ``EngineArgs`` in place if its speculative config is a CoS spec."""
     spec = args.speculative_config
     if spec is None or not engine.is_cos_spec(spec):
         return False
+    check_executor(args.distributed_executor_backend)
+    parallel = {"pipeline": args.pipeline_parallel_size, "tensor": args.tensor_parallel_size,
+                "data": args.data_parallel_size}
     cfg, overrides = engine.prepare_engine(spec, args.model, async_scheduling=args.async_scheduling,
-                                           dtype=args.dtype)
+                                           dtype=args.dtype, parallel=parallel)
     args.worker_extension_cls = merge_worker_extension(args.worker_extension_cls,
                                                        overrides.pop("worker_extension_cls"))
     hf_overrides = overrides.pop("hf_overrides", None)
@@ -100,6 +114,8 @@ def install() -> None:
         if apply_cos(self):
             # V1 runner: the one the CoS hooks are written for (see engine.SUPPORTED_RUNNER).
             os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+            logger.info("cos: runs on the %s (VLLM_USE_V2_MODEL_RUNNER=0): its hooks are written for it; "
+                        "vLLM's Model Runner V2 (a GPU default in 0.32/0.33) is not supported", engine.SUPPORTED_RUNNER)
         return stock_create_engine_config(self, *args, **kwargs)
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)

@@ -163,7 +163,9 @@ _ENGINE = [
     Entry(_ARGS, "EngineArgs.add_cli_args", "method", ("parser",), "engine_args"),
     Entry(_ARGS, "EngineArgs.create_engine_config", "method", ("usage_context", "headless"), "engine_args"),
     *_attrs(_ARGS, "EngineArgs", "speculative_config model async_scheduling dtype worker_extension_cls "
-            "hf_overrides additional_config", "engine_args"),
+            "hf_overrides additional_config pipeline_parallel_size tensor_parallel_size data_parallel_size "
+            "distributed_executor_backend",
+            "engine_args"),
     Entry("vllm.envs", "VLLM_USE_V2_MODEL_RUNNER", "attribute", None, "engine_args"),
     Entry("vllm.config.parallel", "ParallelConfig.worker_extension_cls", "attribute", None, "worker_ext"),
 ]
