@@ -50,10 +50,8 @@ def verify(
     rows = torch.arange(batch, device=device)
     num_drafts = num_drafts.to(device=device, dtype=torch.int64)
 
-    # Two uniforms per position and row: one to accept, one to sample.  A seeded row draws
-    # exactly 2 * (num_drafts + 1) numbers from its own generator, or none when it has nothing
-    # to verify and no final position (it emits nothing here), so that its stream does not
-    # depend on whether other rows of the batch had drafts.
+    # Two uniforms per position and row (accept, sample); a seeded row draws 2 * (num_drafts + 1)
+    # from its own generator (none when it emits nothing), whatever the rest of the batch does.
     uniforms = torch.rand(batch, max_drafts + 1, 2, dtype=torch.float64, device=device)
     drafts_per_row, final_per_row = num_drafts.tolist(), has_final.tolist()
     seeded = [b for b, g in enumerate(generators or []) if g is not None

@@ -159,6 +159,13 @@ def _coupled_rows(sampling, drafts, usable, r, token_ids, accepted, rejected):
             torch.where(seeded, coupled.num_accepted, accepted), torch.where(seeded, coupled.rejected, rejected))
 
 
+def _count_step(stats, batch: int, usable, accepted, rejected, token_ids) -> None:
+    for name, value in (("steps", 1), ("row_steps", batch), ("drafts_proposed", usable.sum()),
+                        ("drafts_accepted", accepted.sum()), ("draft_rejections", rejected.sum()),
+                        ("tokens_emitted", (token_ids >= 0).sum())):
+        stats.add(name, value)
+
+
 class CoSRejectionSampler(_CoSSamplerBase):
     """``runner.rejection_sampler``: the group's drafts against r, then T's proposal."""
 
@@ -215,14 +222,7 @@ class CoSRejectionSampler(_CoSSamplerBase):
         proposals = ServedProposals(rows=~rejected, slot=accepted, target_logits=proposal_logits,
                                     proposal_probs=proposal, grammar=proposal_grammar)
         core.steps.open(req_ids, proposals, controls, sampling, logprobs)
-
-        stats = core.stats
-        stats.add("steps", 1)
-        stats.add("row_steps", batch)
-        stats.add("drafts_proposed", usable.sum())
-        stats.add("drafts_accepted", accepted.sum())
-        stats.add("draft_rejections", rejected.sum())
-        stats.add("tokens_emitted", (token_ids >= 0).sum())
+        _count_step(core.stats, batch, usable, accepted, rejected, token_ids)
         return _sampler_output(token_ids, logprobs)
 
     def _logprobs(self, sampling_metadata, token_ids, log_r, r, proposal_logits, proposal):
