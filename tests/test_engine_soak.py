@@ -33,7 +33,7 @@ def soak(tiny_models, tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "soak.py"), "--models", str(Path(tiny_models["large"]).parent),
          "--rules", "we", "--requests", "120", "--concurrency", "16", "--bad", "40", "--kv-blocks", "24",
-         "--seeded-sample", "20", "--warmup", "16", "--time-limit", "420", "--out", str(out)],
+         "--seeded-sample", "20", "--warmup", "48", "--time-limit", "420", "--out", str(out)],
         capture_output=True, text=True, timeout=600, env=env)
     summary = json.loads((out / "summary.json").read_text())
     return proc, summary
