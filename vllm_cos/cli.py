@@ -155,9 +155,7 @@ def check(argv: list[str]) -> int:
             listed = load_config(args.config)
             served = listed.models[listed.index(listed.target)].path
         cfg, notes = engine.resolve_spec(args.config, served)
-        engine.check_model_files(cfg)
-        tokenizer_size = engine.check_vocabularies(cfg)
-        engine.check_rule(cfg, tokenizer_size)
+        tokenizer_size = engine.check_collaborators(cfg)
         dtype = engine.engine_dtype(cfg, args.dtype) or args.dtype
         engine.check_runner()
     except (ConfigError, engine.CoSStartupError) as exc:

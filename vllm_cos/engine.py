@@ -286,6 +286,15 @@ def target_model(cfg: CoSConfig):
     return cfg.models[cfg.index(cfg.target)]
 
 
+def check_collaborators(cfg: CoSConfig) -> int:
+    """The collaborators' files, their shared tokenizer (its size is returned) and a trial of the
+    rule: what both an engine start and ``vllm-cos check`` verify after the configuration."""
+    check_model_files(cfg)
+    tokenizer_size = check_vocabularies(cfg)
+    check_rule(cfg, tokenizer_size)
+    return tokenizer_size
+
+
 def check_model_files(cfg: CoSConfig) -> None:
     """Every collaborator's directory holds a readable config, weights and tokenizer files
     (:func:`vllm_cos.model_files.model_dir_problem`): one line naming the file otherwise."""
@@ -470,9 +479,7 @@ def prepare_engine(spec: Any, served_model: str, env: Mapping[str, str] | None =
     check_parallel(cfg, **(parallel or {}))
     for note in notes:
         logger.warning("cos config: %s", note)
-    check_model_files(cfg)
-    tokenizer_size = check_vocabularies(cfg)
-    check_rule(cfg, tokenizer_size)
+    tokenizer_size = check_collaborators(cfg)
     overrides = engine_overrides(cfg, tokenizer_size)
     chosen = engine_dtype(cfg, dtype)
     if chosen is not None:

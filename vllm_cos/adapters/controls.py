@@ -202,19 +202,21 @@ class RowSampling:
         self.top_p = None if sm.top_p is None else sm.top_p[:batch]
         self.min_p = min_p
         gens = sm.generators or {}
-        self.generators = [gens.get(i) for i in range(batch)]
+        generators = [gens.get(i) for i in range(batch)]
         self.seeded = self.seeds = self.emitted = None
-        if any(g is not None for g in self.generators):
+        if any(g is not None for g in generators):
             if emitted is None:
                 raise ValueError("cos: seeded rows need each request's emitted-token count")
-            self.seeded = torch.tensor([g is not None for g in self.generators], device=device)
-            self.seeds = torch.tensor([0 if g is None else g.initial_seed() for g in self.generators],
+            self.seeded = torch.tensor([g is not None for g in generators], device=device)
+            self.seeds = torch.tensor([0 if g is None else g.initial_seed() for g in generators],
                                       dtype=torch.int64, device=device)
             self.emitted = torch.tensor(emitted[:batch], dtype=torch.int64, device=device)
 
-    def noise(self, offset: torch.Tensor, vocab: int) -> torch.Tensor:
-        """Race noise [N, V] of rows (request i, output position emitted[i] + offset[i]) (N = B)."""
-        return race_noise(self.seeds, self.emitted + offset.to(self.emitted.device), vocab)
+    def noise(self, offset: torch.Tensor, vocab: int, request: torch.Tensor | None = None) -> torch.Tensor:
+        """Race noise [N, V] of rows (request[n], output position emitted[request[n]] + offset[n]);
+        ``request`` None: one row per request (N = B)."""
+        seeds, emitted = (self.seeds, self.emitted) if request is None else (self.seeds[request], self.emitted[request])
+        return race_noise(seeds, emitted + offset.to(emitted.device), vocab)
 
     def probs(self, logits: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
         """The distribution [N, V] of processed ``logits`` rows (one per request if no layout)."""

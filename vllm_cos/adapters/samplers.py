@@ -31,7 +31,7 @@ import torch
 
 from vllm_cos.adapters.controls import Controls, RowLayout, RowSampling
 from vllm_cos.adapters.step import ServedProposals, StepInvariantError
-from vllm_cos.coupling import coupled_verify, race_noise
+from vllm_cos.coupling import coupled_verify
 from vllm_cos.verify import verify
 
 
@@ -146,13 +146,11 @@ def draft_grid(metadata, device):
     return row_index, torch.where(is_draft, scheduled[flat], -1)[:, :k], counts
 
 
-def _coupled_rows(sampling, drafts, usable, r, token_ids, accepted, rejected):
-    """Seeded rows' verification replaced by :func:`vllm_cos.coupling.coupled_verify` (window
-    column j = output position emitted + j); unseeded rows keep the min(1, r/q) result."""
+def _coupled_rows(sampling, layout, drafts, usable, r, token_ids, accepted, rejected):
+    """Seeded rows' verification replaced by :func:`vllm_cos.coupling.coupled_verify` (the grid
+    ``layout``'s column j = output position emitted + j); unseeded rows keep the min(1, r/q) result."""
     batch, k, vocab = r.shape
-    offsets = torch.arange(k, device=r.device).repeat(batch)  # [B * K]
-    rows = torch.arange(batch, device=r.device).repeat_interleave(k)
-    noise = race_noise(sampling.seeds[rows], sampling.emitted[rows] + offsets, vocab).view(batch, k, vocab)
+    noise = sampling.noise(layout.position, vocab, layout.request).view(batch, k, vocab)
     coupled = coupled_verify(drafts, usable, r, noise)
     seeded = sampling.seeded
     return (torch.where(seeded.unsqueeze(1), coupled.token_ids, token_ids),
@@ -205,8 +203,8 @@ class CoSRejectionSampler(_CoSSamplerBase):
                          torch.zeros(batch, dtype=torch.bool, device=device))
             token_ids, accepted, rejected = out.token_ids, out.num_accepted, out.rejected
             if sampling.seeded is not None:  # seeded rows: position-keyed races (vllm_cos.coupling)
-                token_ids, accepted, rejected = _coupled_rows(sampling, drafts, usable, r, token_ids, accepted,
-                                                              rejected)
+                token_ids, accepted, rejected = _coupled_rows(sampling, layout, drafts, usable, r, token_ids,
+                                                              accepted, rejected)
         else:
             log_r = r = None
             token_ids = torch.full((batch, 1), -1, dtype=torch.long, device=device)
