@@ -123,6 +123,16 @@ class BatchOverrides:
         no_speculation = torch.tensor(off, device=device) if any(off) else None
         return cls(weights, mu, no_speculation)
 
+    @classmethod
+    def of_requests(cls, requests, req_ids, cfg, device) -> "BatchOverrides | None":
+        """The settings of the requests ``req_ids`` (a runner's ``requests``: req_id -> state with
+        ``sampling_params.extra_args``; an id not in ``requests`` gives none)."""
+        extra = [getattr(getattr(requests[r], "sampling_params", None), "extra_args", None) if r in requests
+                 else None for r in req_ids]
+        if not any(extra):
+            return None
+        return cls.build([parse_request(e, cfg) for e in extra], cfg, device)
+
     def rows(self, request: torch.Tensor) -> dict[str, torch.Tensor]:
         """The combination rule's per-row parameters for rows of requests ``request`` [N]."""
         out = {}

@@ -29,8 +29,10 @@ HOOKS: list[tuple[str, str]] = [
     ("spec_decode", "gpu_model_runner: DraftModelProposer -> CoSProposer (installs the CoS samplers), "
                     "apply_grammar_bitmask (mask to r), build_logitsprocs (builtins for r), "
                     "GPUModelRunner._update_states (stash slots freed, step planned fused or not), "
-                    "GPUModelRunner._model_forward (a fused step runs the draft group too), "
-                    "GPUModelRunner._get_prompt_logprobs_dict (prompt logprobs of r)"),
+                    "GPUModelRunner._model_forward (a fused step runs the draft group too; under standard "
+                    "the requests' own settings are bound to the served model), "
+                    "GPUModelRunner._get_prompt_logprobs_dict (prompt logprobs of r; under standard with "
+                    "the requests' own settings)"),
     ("request_checks", "InputProcessor._validate_params / SamplingParams._validate_spec_decode: min_p and "
                        "logit_bias allowed for CoS, thinking_token_budget refused per request"),
 ]

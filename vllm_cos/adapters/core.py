@@ -11,7 +11,7 @@ import torch
 from vllm_cos.adaptive import DraftLengthController
 from vllm_cos.combine import build_combiner
 from vllm_cos.engine import draft_plan
-from vllm_cos.overrides import BatchOverrides, parse_request
+from vllm_cos.overrides import BatchOverrides
 from vllm_cos.adapters.fusion import FusedGroup
 from vllm_cos.adapters.prompt_logprobs import PromptScores
 from vllm_cos.adapters.step import GrammarHandoff, StepChannel
@@ -99,12 +99,7 @@ class CoSCore:
 
     def request_overrides(self, runner, req_ids, device):
         """The batch's per-request collaboration settings (None: no request sets any)."""
-        requests = getattr(runner, "requests", None) or {}
-        extra = [getattr(getattr(requests[r], "sampling_params", None), "extra_args", None) if r in requests
-                 else None for r in req_ids]
-        if not any(extra):
-            return None
-        return BatchOverrides.build([parse_request(e, self.cfg) for e in extra], self.cfg, device)
+        return BatchOverrides.of_requests(getattr(runner, "requests", None) or {}, req_ids, self.cfg, device)
 
     def crop(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[..., : self.tokenizer_size].float()

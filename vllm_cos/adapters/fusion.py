@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_cos.adapters.standard_rows import bind_step_rows
 from vllm_cos.adapters.step import StepInvariantError
 
 
@@ -87,13 +88,16 @@ def group_logits_at_last_tokens(runner, input_ids: torch.Tensor, positions: torc
 
 
 def model_forward_hook(stock, cos_runners):
-    """``GPUModelRunner._model_forward``: a planned fused step also runs the draft group."""
+    """``GPUModelRunner._model_forward``: a planned fused step also runs the draft group; under
+    ``standard`` the step's per-request settings are bound first (:mod:`.standard_rows`)."""
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None, inputs_embeds=None,
                        **model_kwargs):
+        core = cos_runners.get(self)
+        if core is None:
+            bind_step_rows(self)  # standard: the requests' own rule parameters
         output = stock(self, input_ids=input_ids, positions=positions, intermediate_tensors=intermediate_tensors,
                        inputs_embeds=inputs_embeds, **model_kwargs)
-        core = cos_runners.get(self)
         if core is not None and core.fusion.planned:
             core.fusion.put(group_logits_at_last_tokens(self, input_ids, positions))
             core.stats.add("draft_forwards", 1)

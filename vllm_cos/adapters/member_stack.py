@@ -32,6 +32,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from vllm_cos.adapters.step import StepInvariantError
 from vllm_cos.engine import DRAFT_GROUP_ARCH, STANDARD_ARCH, config_from_additional
 
 logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
@@ -174,11 +175,27 @@ class CoSStandardForCausalLM(CoSMemberStack):
 
         cfg = self.cos_config
         self.combiner = build_combiner(cfg.rule, cfg.model_names)
+        self._bound_rows = None  # (row_params, num_rows) of the next compute_logits (standard_rows)
         logger.info("cos: standard collaborative decoding with %s, rule %s",
                     ", ".join(cfg.model_names), cfg.rule.name)
 
+    @property
+    def rows_device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def bind_rows(self, row_params: dict | None, num_rows: int = 0) -> None:
+        """The requests' own rule parameters for the next ``compute_logits`` call (its
+        ``num_rows`` rows; None: the file's), set by :mod:`vllm_cos.adapters.standard_rows`."""
+        self._bound_rows = None if not row_params else (row_params, num_rows)
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        combined = self.combiner(self.member_logits(hidden_states))
+        row_params = None
+        if self._bound_rows is not None:
+            (row_params, num_rows), self._bound_rows = self._bound_rows, None
+            if hidden_states.shape[0] != num_rows:
+                raise StepInvariantError("standard-rows", f"the requests' settings were bound for {num_rows} "
+                                         f"rows but compute_logits got {hidden_states.shape[0]}")
+        combined = self.combiner(self.member_logits(hidden_states), **(row_params or {}))
         return pad_vocab(combined, self.vocab_width)
 
 

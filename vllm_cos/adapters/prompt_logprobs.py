@@ -16,7 +16,10 @@ engine step:
    (``in_progress_prompt_logprobs_cpu``, results returned with the last chunk).
 
 A request whose group scores are missing raises :class:`~vllm_cos.adapters.step.StepInvariantError`.
-Under ``standard`` the served model is the combined wrapper, whose logits already are log r.
+Under ``standard`` the served model is the combined wrapper, whose logits already are log r: the
+stock method serves, unless a prompt-logprob request gives its own collaboration settings
+(vllm_cos.overrides); then the same loop scores each request with its settings bound to the
+wrapper (:mod:`~vllm_cos.adapters.standard_rows`).
 
 vLLM internals touched: ``GPUModelRunner._get_prompt_logprobs_dict`` (replaced for CoS
 runners), ``num_prompt_logprobs``, ``requests[...].prompt_token_ids`` /
@@ -31,7 +34,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_cos.adapters.standard_rows import request_rows, standard_model
 from vllm_cos.adapters.step import StepInvariantError
+from vllm_cos.overrides import BatchOverrides
 
 
 @dataclass
@@ -87,8 +92,39 @@ def _scores(core, runner, hidden_states, req_id: str, start: int, count: int) ->
     return torch.log_softmax(log_r, dim=-1)
 
 
+def _standard_scores(runner, model, hidden_states, req_id: str, start: int, count: int) -> torch.Tensor:
+    """As :func:`_scores` under ``standard``: the wrapper's log r with the request's settings bound."""
+    offset = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
+    model.bind_rows(request_rows(runner, model, req_id, count), count)
+    logits = model.compute_logits(hidden_states[offset: offset + count]).float()
+    if runner.model_config.logprobs_mode in ("raw_logits", "processed_logits"):
+        return logits
+    return torch.log_softmax(logits, dim=-1)
+
+
 def cos_prompt_logprobs(runner, core, hidden_states, num_scheduled_tokens: dict) -> dict:
     """Step 2: ``_get_prompt_logprobs_dict`` with r in place of the served model's p."""
+    return prompt_logprobs_of(runner, num_scheduled_tokens,
+                              lambda req_id, start, count: _scores(core, runner, hidden_states, req_id, start, count),
+                              lambda req_id: core.prompt_scores.pending.pop(req_id, None))
+
+
+def standard_prompt_logprobs(runner, model, hidden_states, num_scheduled_tokens: dict) -> dict:
+    """``_get_prompt_logprobs_dict`` under ``standard`` with each request's own settings."""
+    return prompt_logprobs_of(runner, num_scheduled_tokens,
+                              lambda req_id, start, count: _standard_scores(runner, model, hidden_states, req_id,
+                                                                            start, count),
+                              lambda req_id: None)
+
+
+def _any_settings(runner, model) -> bool:
+    wanted = getattr(runner, "num_prompt_logprobs", None) or {}
+    return BatchOverrides.of_requests(runner.requests, list(wanted), model.cos_config, "cpu") is not None
+
+
+def prompt_logprobs_of(runner, num_scheduled_tokens: dict, scores, skip) -> dict:
+    """The stock bookkeeping of prompt logprobs around ``scores(req_id, start, count)`` [count, V]
+    (log-probabilities, or logits per ``logprobs_mode``); ``skip(req_id)``: a chunk with nothing to score."""
     from vllm.v1.outputs import LogprobsTensors
     from vllm.v1.sample.sampler import Sampler
 
@@ -113,11 +149,11 @@ def cos_prompt_logprobs(runner, core, hidden_states, num_scheduled_tokens: dict)
             finished[req_id] = target
             done.append(req_id)
         if count <= 0:
-            core.prompt_scores.pending.pop(req_id, None)
+            skip(req_id)
             continue
-        scores = _scores(core, runner, hidden_states, req_id, start, count)
-        next_ids = torch.tensor(prompt[start + 1: start + 1 + count], device=scores.device)
-        ids, logprobs, ranks = Sampler.gather_logprobs(scores, num_logprobs, next_ids)[:3]
+        chunk = scores(req_id, start, count)
+        next_ids = torch.tensor(prompt[start + 1: start + 1 + count], device=chunk.device)
+        ids, logprobs, ranks = Sampler.gather_logprobs(chunk, num_logprobs, next_ids)[:3]
         part = slice(start, start + count)
         target.logprob_token_ids[part].copy_(ids)
         target.logprobs[part].copy_(logprobs)
@@ -129,10 +165,14 @@ def cos_prompt_logprobs(runner, core, hidden_states, num_scheduled_tokens: dict)
 
 
 def prompt_logprobs_hook(stock, runners):
-    """``GPUModelRunner._get_prompt_logprobs_dict``: ours for CoS runners, stock otherwise."""
+    """``GPUModelRunner._get_prompt_logprobs_dict``: ours for CoS runners and for ``standard`` requests
+    with their own settings, stock otherwise."""
     def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
         core = runners.get(self)
-        if core is None:
-            return stock(self, hidden_states, num_scheduled_tokens)
-        return cos_prompt_logprobs(self, core, hidden_states, num_scheduled_tokens)
+        if core is not None:
+            return cos_prompt_logprobs(self, core, hidden_states, num_scheduled_tokens)
+        model = standard_model(self)
+        if model is not None and _any_settings(self, model):
+            return standard_prompt_logprobs(self, model, hidden_states, num_scheduled_tokens)
+        return stock(self, hidden_states, num_scheduled_tokens)
     return _get_prompt_logprobs_dict

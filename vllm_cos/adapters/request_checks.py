@@ -9,9 +9,8 @@ per request instead, with vLLM's validation error (HTTP 400 naming the parameter
 
 A request's own collaboration settings (``extra_args`` / ``vllm_xargs`` keys ``cos_weights``,
 ``cos_mu``, ``cos_speculate``; :mod:`vllm_cos.overrides`) are validated here against the
-engine's CoS configuration, on every CoS engine: an invalid one is HTTP 400 naming the key.
-Under ``standard`` they are refused (its served model combines the members with the file's
-parameters for every request).
+engine's CoS configuration, on every CoS engine (``standard`` included): an invalid one is
+HTTP 400 naming the key.
 
 vLLM internals touched: ``InputProcessor._validate_params`` (``self.vllm_config``),
 ``SamplingParams._validate_spec_decode``, ``SamplingParams.extra_args``, ``VLLMValidationError``.
@@ -51,13 +50,9 @@ def check_overrides(params, cfg) -> None:
 
     extra = getattr(params, "extra_args", None)
     try:
-        parsed = parse_request(extra, cfg)
+        parse_request(extra, cfg)
     except OverrideError as exc:
         raise VLLMValidationError(f"vllm_xargs / extra_args: {exc}", parameter=exc.field, value=exc.value) from None
-    if parsed is not None and cfg.schedule == "standard":
-        key = next(k for k in extra if str(k).startswith("cos_"))
-        raise VLLMValidationError(f"vllm_xargs / extra_args: {key}: per-request CoS settings need schedule naive "
-                                  f"or alternate; this server runs standard", parameter=key, value=extra[key])
 
 
 def check_for_cos(params) -> None:

@@ -58,6 +58,7 @@ _SPEC_DECODE = [
     Entry(_RUNNER, "GPUModelRunner._get_prompt_logprobs_dict", "method",
           ("hidden_states", "num_scheduled_tokens"), "spec_decode, prompt_logprobs"),
     Entry(_RUNNER, "GPUModelRunner._input_fits_in_drafter", "method", ("common_attn_metadata",), "proposer"),
+    Entry(_RUNNER, "GPUModelRunner.get_model", "method", (), "standard_rows"),
     *_attrs(_RUNNER, "GPUModelRunner", "rejection_sampler sampler input_batch use_async_scheduling drafter "
             "num_prompt_logprobs requests query_start_loc model model_config", "proposer, prompt_logprobs"),
     Entry("vllm.v1.sample.logits_processor", "BUILTIN_LOGITS_PROCESSORS", "attribute", None, "spec_decode"),
