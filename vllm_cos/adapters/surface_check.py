@@ -198,6 +198,22 @@ def check_tree(root, entries=SURFACE) -> list[Result]:
     return [check_entry(tree, e) for e in entries]
 
 
+def changed_bodies(root, other_root, entries=SURFACE) -> list[str]:
+    """The functions and methods of ``entries`` whose code differs between two vLLM trees
+    (``ast.dump``: formatting, comments and line numbers do not count); each as
+    ``module:qualname``.  Names absent from either tree are left to :func:`check_tree`."""
+    trees = SourceTree(root), SourceTree(other_root)
+    changed = []
+    for e in entries:
+        if e.kind not in ("function", "method"):
+            continue
+        nodes = [find(tree, e.module, e.qualname)[0] for tree in trees]
+        if all(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in nodes) and \
+                ast.dump(nodes[0]) != ast.dump(nodes[1]):
+            changed.append(f"{e.module}:{e.qualname}")
+    return changed
+
+
 def format_results(results: list[Result], verbose: bool = True) -> list[str]:
     lines = []
     for r in results:
@@ -227,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("vllm_source_dir", help="directory holding the vllm package (e.g. an unpacked "
                         "wheel or site-packages), or the vllm package directory itself")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only missing / changed names")
+    parser.add_argument("--bodies-against", metavar="OTHER_VLLM_SOURCE_DIR", default=None,
+                        help="also list the hooked functions / methods whose code differs from this tree's")
     args = parser.parse_args(argv)
     tree = SourceTree(args.vllm_source_dir)
     if tree.module("vllm") is None:
@@ -234,4 +252,9 @@ def main(argv=None) -> int:
         return 2
     results = check_tree(args.vllm_source_dir)
     print("\n".join(format_results(results, verbose=not args.quiet)))
+    if args.bodies_against:
+        changed = changed_bodies(args.bodies_against, args.vllm_source_dir)
+        print("\n".join(f"BODY     {name}" for name in changed))
+        functions = sum(e.kind in ("function", "method") for e in SURFACE)
+        print(f"code: {len(changed)} of {functions} hooked functions / methods differ from {args.bodies_against}")
     return 0 if all(r.status == PRESENT for r in results) else 1
