@@ -82,7 +82,7 @@ def test_file_split_is_deterministic_and_disjoint():
     assert 0.02 < len(held_out) / len(files) < 0.1
     assert split_files(files, 0.05) == (train, held_out)
     # A file's side does not depend on the other files.
-    half_train, half_held = split_files(files[::2], 0.05)
+    _, half_held = split_files(files[::2], 0.05)
     assert set(half_held) == set(held_out) & set(files[::2])
     with pytest.raises(ValueError, match="--held-out"):
         split_files(files[:1], 0.05)
