@@ -63,7 +63,10 @@ TIMED = [("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
          ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_sample"),
          ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_bookkeeping_sync"),
          ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "propose_draft_token_ids"),
-         ("vllm_cos.adapters.member_stack", "CoSMemberStack", "forward")]
+         ("vllm_cos.adapters.member_stack", "CoSMemberStack", "forward"),
+         ("vllm_cos.adapters.member_stack", "CoSMemberStack", "member_logits"),
+         ("vllm.model_executor.models.llama", "LlamaModel", "forward"),
+         ("vllm.model_executor.models.llama", "LlamaForCausalLM", "compute_logits")]
 
 
 def _install_timers() -> dict:

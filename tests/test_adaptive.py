@@ -129,3 +129,30 @@ def test_voided_drafts_count_as_not_drafted():
                       voided=int(share * drafted), drafted=drafted)
     assert kept.chosen()[8] >= 3 and kept.kept == pytest.approx(1.0)
     assert voided.chosen()[8] == 0 and voided.kept < 0.6  # moves towards 0.2 only on drafting steps
+
+
+def test_prefill_steps_and_pauses_do_not_move_the_cost_estimates():
+    # k = 0 truly costs 1.0 and k = 2 costs 1.6 at a = 0.2 (E(2)/t = 1.24/1.6 < 1): k = 0 is best.
+    # Every 10th step is a prefill chunk costing 6x, every 25th a 50x pause (a collection, an idle
+    # engine): counted, either would make k = 0 look dearer than drafting
+    c = DraftLengthController(max_drafts=2, explore_every=10 ** 9)
+    rng = random.Random(0)
+    for step in range(1, 401):
+        k = c.choose(8)
+        accepted = sum(rng.random() < 0.2 for _ in range(8 * k))
+        prefill = step % 10 == 0
+        seconds = (1.0 + 0.3 * k) * (6.0 if prefill else 50.0 if step % 25 == 0 else 1.0)
+        c.observe(8, k, seconds, accepted=accepted, rejected=8 * k - accepted, decode_only=not prefill)
+    costs = c.buckets[8].cost
+    assert costs[0] == pytest.approx(1.0, rel=0.35) and costs[2] == pytest.approx(1.6, rel=0.35)
+    assert c.chosen()[8] == 0
+
+
+def test_a_prefill_step_is_no_cost_sample():
+    c = DraftLengthController(max_drafts=2)
+    c.observe(8, 1, 1.0, accepted=0, rejected=0)
+    c.observe(8, 1, 1.0, accepted=0, rejected=0)  # steady: t(8, 1) = 1.0
+    c.observe(8, 1, 9.0, accepted=0, rejected=0, decode_only=False)
+    assert c.buckets[8].cost[1] == 1.0
+    c.observe(8, 1, 9.0, accepted=0, rejected=0)  # a pause: counted as at most 2x the mean
+    assert c.buckets[8].cost[1] == pytest.approx(1.0 + 0.1 * (2.0 - 1.0))

@@ -29,6 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+OUTLIER = 2.0  # a step-time sample counts as at most this multiple of its running mean
+
+
 def expected_tokens(acceptance: float, k: int, kept: float = 1.0) -> float:
     """E(k) tokens per request and step for k drafts at per-draft acceptance ``acceptance``,
     when a share ``kept`` of the rows' drafts is verified at all (the rest were drafted after a
@@ -123,18 +126,21 @@ class DraftLengthController:
         return neighbour
 
     def observe(self, batch: int, k: int, seconds: float, accepted: int, rejected: int,
-                voided: int = 0, drafted: int = 0) -> None:
+                voided: int = 0, drafted: int = 0, decode_only: bool = True) -> None:
         """One finished step: its k, wall time, the drafts it accepted, the number of rows
-        whose drafts met a rejection, and of the rows that drafted, how many had them voided."""
+        whose drafts met a rejection, and of the rows that drafted, how many had them voided;
+        ``decode_only``: the step scheduled no prompt tokens (a prefill chunk's time says
+        nothing about t(B, k), so it is not a cost sample).  A sample above
+        ``OUTLIER`` x the running mean (a pause, a collection) counts as that bound."""
         if accepted + rejected > 0:
             self.acceptance += self.smoothing * (accepted / (accepted + rejected) - self.acceptance)
         if drafted > 0:
             self.kept += self.smoothing * (1.0 - voided / drafted - self.kept)
         b = bucket_of(batch)
         state = self.buckets.setdefault(b, _Bucket())
-        if self._last == (b, k) and seconds > 0:  # steady: verified k and drafted k
+        if self._last == (b, k) and seconds > 0 and decode_only:  # steady: verified k and drafted k
             old = state.cost.get(k)
-            state.cost[k] = seconds if old is None else old + self.smoothing * (seconds - old)
+            state.cost[k] = seconds if old is None else old + self.smoothing * (min(seconds, OUTLIER * old) - old)
         self._last = (b, k)
 
     def chosen(self) -> dict[int, int]:

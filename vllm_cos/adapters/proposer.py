@@ -239,10 +239,11 @@ class CoSProposerMixin:
         self.num_speculative_tokens = num_speculative_tokens
         self._last_draft_probs = None
         batch = common_attn_metadata.batch_size()
+        query_len = common_attn_metadata.max_query_len  # before set_inputs_first_pass rewrites it
         req_ids = tuple(self.cos_runner.input_batch.req_ids[:batch])
         step = core.steps.consume(req_ids)
         if step.fused:  # tokens final, drawn from r: no first pass to verify them
-            gamma = self._draft_length(batch, num_speculative_tokens)
+            gamma = self._draft_length(batch, num_speculative_tokens, query_len)
             self._uncount_discarded(step, batch)
             drafts = torch.empty(batch, 0, dtype=torch.int64, device=next_token_ids.device)
             if gamma:  # drafts again: re-feed the sampled tokens first
@@ -263,7 +264,7 @@ class CoSProposerMixin:
         stash_group_scores(core, self.cos_runner, common_attn_metadata, cad, hidden, self.model.member_logits)
         token_indices = token_indices[:batch].long()
         group_logits = self.model.member_logits(hidden[token_indices - 1])  # [M, B, V] at the proposals
-        gamma = self._draft_length(batch, num_speculative_tokens)
+        gamma = self._draft_length(batch, num_speculative_tokens, query_len)
         tokens = self._verify_proposals(step, group_logits, next_token_ids, batch, direct=gamma == 0)
         self._uncount_discarded(step, batch)
         drafts = self._draft_after(cad, hidden[token_indices], token_indices, tokens, next_token_ids, step,
@@ -283,9 +284,10 @@ class CoSProposerMixin:
             self.cos_core.stats.add("tokens_emitted", -discarded)
             self.cos_core.stats.add("row_steps", -discarded)
 
-    def _draft_length(self, batch: int, max_drafts: int) -> int:
+    def _draft_length(self, batch: int, max_drafts: int, query_len: int) -> int:
         """This step's number of drafts: fixed, or chosen from measured cost and acceptance (a
-        seeded request's text does not depend on it: vllm_cos.coupling)."""
+        seeded request's text does not depend on it: vllm_cos.coupling); ``query_len``: the
+        most tokens a request scheduled this step (more than 1 + its drafts: a prefill chunk)."""
         controller = self.cos_core.draft_length
         if controller is None:
             return max_drafts
@@ -294,7 +296,8 @@ class CoSProposerMixin:
         last = self._cos_last_step
         if last is not None:  # the previous step: its k, batch, time, and what it left to verify
             t, last_batch, k, seen = last
-            controller.observe(last_batch, k, now - t, *(counts[name] - seen[name] for name in _OBSERVED))
+            controller.observe(last_batch, k, now - t, *(counts[name] - seen[name] for name in _OBSERVED),
+                               decode_only=query_len <= 1 + k)
         before = controller.chosen()
         k = min(controller.choose(batch), max_drafts)
         self.cos_core.fusion.wanted = k == 0  # the next step may then fuse (vllm_cos.adapters.fusion)
