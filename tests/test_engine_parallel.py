@@ -1,7 +1,8 @@
 """Tensor parallelism: ``tensor_parallel_size=2`` (vLLM's CPU backend runs the ranks as
 processes; every collaborator is sharded like the served model) gives the same greedy and the
 same seeded T = 1 tokens as one rank, with a fixed gamma (``gamma: auto`` is refused under
-tensor parallelism: each rank would time its own steps)."""
+tensor parallelism: each rank would time its own steps); ``cos_stats`` answers from rank 0 only
+(every rank counts the same tokens), with the counters of one rank."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def main():
               SamplingParams(temperature=1.0, seed=5, max_tokens=24, ignore_eos=True),
               SamplingParams(temperature=1.0, seed=9, max_tokens=24, ignore_eos=True)]
     outs = llm.generate(["def main(", "import os\\n", "def main("], params)
-    print("RESULT", json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+    from vllm_cos.offline import cos_stats
+    stats = cos_stats(llm)
+    print("RESULT", json.dumps([[list(o.outputs[0].token_ids) for o in outs], stats]))
 
 if __name__ == "__main__":
     main()
@@ -50,5 +53,13 @@ def _run(tiny_models, tmp_path: Path, tp: int) -> list[list[int]]:
     return json.loads(lines[0][len("RESULT "):])
 
 
+COUNTED = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "tokens_emitted", "row_steps")
+
+
 def test_two_ranks_equal_one(tiny_models, tmp_path):
-    assert _run(tiny_models, tmp_path, 2) == _run(tiny_models, tmp_path, 1)
+    (two, two_stats), (one, one_stats) = _run(tiny_models, tmp_path, 2), _run(tiny_models, tmp_path, 1)
+    assert two == one
+    assert len(two_stats) == 2 and two_stats[1] is None, "rank 1 answered cos_stats: its counts would add twice"
+    assert {k: two_stats[0][k] for k in COUNTED} == {k: one_stats[0][k] for k in COUNTED}
+    # at least the 64 tokens returned (a last step's accepted drafts past max_tokens count too)
+    assert one_stats[0]["tokens_emitted"] >= 16 + 24 + 24

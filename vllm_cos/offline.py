@@ -22,7 +22,7 @@ logger = logging.getLogger("vllm.cos")  # under vLLM's configured "vllm" logger
 
 def cos_stats(llm) -> list[dict | None]:
     """CoS counters per worker of an offline ``vllm.LLM`` (naive / alternate schedules; None
-    for ``standard``): steps (= served-model forwards), draft_forwards (draft group), drafts
+    for ``standard`` and for tensor-parallel ranks but the first, which count the same tokens): steps (= served-model forwards), draft_forwards (draft group), drafts
     proposed/accepted, bonus proposed/accepted, tokens emitted, row_steps (verification rounds
     = request-steps), acceptance rate, mean tokens per step, mean accepted length.
 

@@ -86,6 +86,7 @@ class CoSCore:
                              else None)  # gamma: auto
         self.logprobs_mode = "raw_logprobs"
         self.metrics = None  # CoSMetrics, set in the worker
+        self.reporting = True  # publishes metrics and answers cos_stats (tensor-parallel rank 0)
 
     def combine(self, target_logits: torch.Tensor, group_logits: torch.Tensor,
                 row_params: dict | None = None) -> torch.Tensor:

@@ -25,7 +25,8 @@ vLLM internals touched: ``DraftModelProposer`` / ``SpecDecodeBaseProposer`` (``l
 ``input_ids``, ``positions``, ``arange``, ``token_arange_np``, ``block_size``,
 ``num_speculative_tokens``, ``vllm_config``), runner attributes (``rejection_sampler``,
 ``sampler``, ``input_batch.req_ids``, ``use_async_scheduling``, ``_input_fits_in_drafter``),
-``set_forward_context``, ``set_model_tag``, ``get_model``.
+``set_forward_context``, ``set_model_tag``, ``get_model``, ``get_tensor_model_parallel_rank`` (only
+tensor-parallel rank 0 publishes metrics and answers ``cos_stats``: every rank counts the same tokens).
 """
 
 from __future__ import annotations
@@ -70,17 +71,23 @@ def install_samplers(core: CoSCore, runner, max_requests: int, device) -> None:
         raise RuntimeError(f"cos: no model runner reached the proposer; CoS needs the {SUPPORTED_RUNNER}")
     if getattr(runner, "use_async_scheduling", False):
         raise RuntimeError(f"cos: async scheduling is on; CoS needs the {SUPPORTED_RUNNER}")
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
     from vllm_cos.adapters.metrics import CoSMetrics
 
     core.stash = DraftStash(max_requests, len(core.plan), len(core.group), core.tokenizer_size, device)
-    core.metrics = CoSMetrics(core.cfg.target, core.group_label)
-    core.metrics.adaptive = core.draft_length is not None
+    core.reporting = get_tensor_model_parallel_rank() == 0  # the other ranks count the same tokens
+    if core.reporting:
+        core.metrics = CoSMetrics(core.cfg.target, core.group_label)
+        core.metrics.adaptive = core.draft_length is not None
     core.logprobs_mode = getattr(runner.sampler, "logprobs_mode", "raw_logprobs")
     runner.rejection_sampler = CoSRejectionSampler(runner.rejection_sampler, core, runner)
     runner.sampler = CoSPlainSampler(runner.sampler, core, runner)
     COS_RUNNERS[runner] = core
     # The group must score every step (its KV and its logits feed r): never skip the drafter.
     runner._input_fits_in_drafter = lambda common_attn_metadata: common_attn_metadata is not None
+    if not core.reporting:
+        return
     names = [core.cfg.models[core.group[k]].name for k in core.plan]
     logger.info("cos: %s schedule in vLLM: %s serves and proposes one token per step, then drafts per "
                 "step: %s (draft group %s); draft stash %.1f MiB (%d B per request)", core.schedule,

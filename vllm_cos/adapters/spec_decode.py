@@ -104,10 +104,11 @@ def install() -> None:
 
 
 def worker_stats(worker) -> dict | None:
-    """CoS counters of one worker (for ``collective_rpc``); None outside CoS schedules."""
+    """CoS counters of one worker (for ``collective_rpc``); None outside CoS schedules and on
+    tensor-parallel ranks other than 0 (they count the same tokens as rank 0)."""
     drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
     core = getattr(drafter, "cos_core", None)
-    if core is None:
+    if core is None or not core.reporting:
         return None
     stats = core.stats.as_dict()
     stats["stash_requests"] = 0 if core.stash is None else len(core.stash)

@@ -59,6 +59,7 @@ _SPEC_DECODE = [
           ("hidden_states", "num_scheduled_tokens"), "spec_decode, prompt_logprobs"),
     Entry(_RUNNER, "GPUModelRunner._input_fits_in_drafter", "method", ("common_attn_metadata",), "proposer"),
     Entry(_RUNNER, "GPUModelRunner.get_model", "method", (), "standard_rows"),
+    Entry("vllm.distributed.parallel_state", "get_tensor_model_parallel_rank", "function", (), "proposer"),
     *_attrs(_RUNNER, "GPUModelRunner", "rejection_sampler sampler input_batch use_async_scheduling drafter "
             "num_prompt_logprobs requests query_start_loc model model_config", "proposer, prompt_logprobs"),
     Entry("vllm.v1.sample.logits_processor", "BUILTIN_LOGITS_PROCESSORS", "attribute", None, "spec_decode"),
