@@ -42,16 +42,16 @@ def bind_step_rows(runner) -> None:
     if model is None:
         return
     req_ids = list(runner.input_batch.req_ids)
-    overrides = BatchOverrides.of_requests(runner.requests, req_ids, model.cos_config, model.rows_device)
-    if overrides is None:
-        model.bind_rows(None)
-        return
-    model.bind_rows(overrides.rows(torch.arange(len(req_ids), device=model.rows_device)), len(req_ids))
+    model.bind_rows(_row_params(runner, model, req_ids, torch.arange(len(req_ids), device=model.rows_device)),
+                    len(req_ids))
 
 
 def request_rows(runner, model, req_id: str, count: int) -> dict | None:
     """The rule parameters of ``count`` rows of one request (None: it gives no settings)."""
-    overrides = BatchOverrides.of_requests(runner.requests, [req_id], model.cos_config, model.rows_device)
-    if overrides is None:
-        return None
-    return overrides.rows(torch.zeros(count, dtype=torch.long, device=model.rows_device))
+    return _row_params(runner, model, [req_id], torch.zeros(count, dtype=torch.long, device=model.rows_device))
+
+
+def _row_params(runner, model, req_ids: list, request: torch.Tensor) -> dict | None:
+    """The rule parameters of rows of requests ``req_ids[request[n]]`` (None: none gives settings)."""
+    overrides = BatchOverrides.of_requests(runner.requests, req_ids, model.cos_config, model.rows_device)
+    return None if overrides is None else overrides.rows(request)
