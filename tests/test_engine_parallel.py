@@ -53,7 +53,11 @@ def _run(tiny_models, tmp_path: Path, tp: int) -> list[list[int]]:
     return json.loads(lines[0][len("RESULT "):])
 
 
-COUNTED = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "tokens_emitted", "row_steps")
+# fixed by the tokens (greedy, and seeded draws keyed by position): equal across rank counts
+COUNTED = ("drafts_proposed", "drafts_accepted", "tokens_emitted")
+# fixed by the scheduling too: the engine core may step before the last prompt arrives over its
+# socket, so these may differ by a step or two; summed over two ranks they would double
+SCHEDULED = ("steps", "draft_forwards", "row_steps")
 
 
 def test_two_ranks_equal_one(tiny_models, tmp_path):
@@ -61,5 +65,7 @@ def test_two_ranks_equal_one(tiny_models, tmp_path):
     assert two == one
     assert len(two_stats) == 2 and two_stats[1] is None, "rank 1 answered cos_stats: its counts would add twice"
     assert {k: two_stats[0][k] for k in COUNTED} == {k: one_stats[0][k] for k in COUNTED}
+    for key in SCHEDULED:
+        assert one_stats[0][key] / 1.4 < two_stats[0][key] < 1.4 * one_stats[0][key], (key, two_stats, one_stats)
     # at least the 64 tokens returned (a last step's accepted drafts past max_tokens count too)
     assert one_stats[0]["tokens_emitted"] >= 16 + 24 + 24
