@@ -69,6 +69,16 @@ TIMED = [("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
          ("vllm.model_executor.models.llama", "LlamaForCausalLM", "compute_logits")]
 
 
+def _per_model(label: str, args: tuple) -> str:
+    """LlamaModel.forward per model (by its layer count and width): the served model's forward and
+    a collaborator's are told apart."""
+    model = args[0] if args else None
+    layers, embed = getattr(model, "layers", None), getattr(model, "embed_tokens", None)
+    if label != "LlamaModel.forward" or layers is None or embed is None:
+        return label
+    return f"{label} [{len(layers)} layers, {getattr(embed, 'embedding_dim', '?')} wide]"
+
+
 def _install_timers() -> dict:
     """Wrap TIMED with wall-clock accumulators: {label: [calls, seconds]}."""
     import functools
@@ -82,13 +92,14 @@ def _install_timers() -> dict:
         label = f"{class_name or module_name.rsplit('.', 1)[-1]}.{attr}"
         totals[label] = [0, 0.0]
 
-        def timed(*a, _stock=stock, _total=totals[label], **kw):
+        def timed(*a, _stock=stock, _label=label, **kw):
             start = time.perf_counter()
             try:
                 return _stock(*a, **kw)
             finally:
-                _total[0] += 1
-                _total[1] += time.perf_counter() - start
+                total = totals.setdefault(_per_model(_label, a), [0, 0.0])
+                total[0] += 1
+                total[1] += time.perf_counter() - start
 
         setattr(owner, attr, functools.wraps(stock)(timed))
     return totals

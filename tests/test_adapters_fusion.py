@@ -124,3 +124,67 @@ def test_forward_hook_leaves_an_unplanned_step_alone():
     hooked(runner, input_ids=torch.tensor([1, 2]), positions=torch.arange(2))
     assert len(calls) == 1 and not hasattr(runner.drafter.model, "seen")
     assert core.fusion.take(2) is None and core.stats.as_dict()["fused_steps"] == 0
+
+
+# --- the drafter's shortcut after a fused step (propose_hook, cos_close_fused_step) ---
+
+def _proposer_with_open_step(fused: bool, k: int):
+    """A CoS proposer (no vLLM drafter behind it) whose channel holds an open, sampled step of two
+    requests, and whose draft-length choice is ``k``."""
+    from vllm_cos.adapters.core import CoSStats
+    from vllm_cos.adapters.proposer import CoSProposerMixin
+    from vllm_cos.adapters.step import ServedProposals, StepChannel
+
+    proposer = object.__new__(CoSProposerMixin)
+    proposer.cos_core = SimpleNamespace(steps=StepChannel(), draft_length=object(), stats=CoSStats(), metrics=None)
+    proposer.cos_runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b"]))
+    proposer._cos_chosen, proposer.chosen_calls = None, []
+    proposer._draft_length = lambda batch, max_drafts, query_len: proposer.chosen_calls.append(batch) or k
+    zeros = torch.zeros(2, dtype=torch.long)
+    proposals = ServedProposals(rows=torch.zeros(2, dtype=torch.bool), slot=zeros, target_logits=torch.zeros(2, 5),
+                                proposal_probs=torch.zeros(2, 5), grammar=None)
+    step = proposer.cos_core.steps.open(("a", "b"), proposals, None, None, fused=fused)
+    cad = SimpleNamespace(batch_size=lambda: 2, max_query_len=1)
+    return proposer, step, cad
+
+
+def test_fused_step_that_drafts_nothing_is_closed_by_the_shortcut():
+    proposer, step, cad = _proposer_with_open_step(fused=True, k=0)
+    sampled = torch.tensor([[7], [9]])
+    drafts = proposer.cos_close_fused_step(sampled, None, cad, 3)
+    assert drafts.shape == (2, 0) and step.consumed and step.sampled is sampled
+    assert proposer.chosen_calls == [2]  # k chosen once, for the whole batch
+
+
+def test_fused_step_that_drafts_again_keeps_its_k_for_the_stock_path():
+    proposer, step, cad = _proposer_with_open_step(fused=True, k=2)
+    assert proposer.cos_close_fused_step(torch.tensor([[7], [9]]), None, cad, 3) is None
+    assert not step.consumed  # the stock path attaches the sampled tokens and drafts
+    proposer._draft_length = lambda *a: pytest.fail("k was chosen twice for one step")
+    assert proposer._fused_draft_length(step, 2, 3, 1) == 2
+
+
+def test_unfused_step_takes_the_stock_path():
+    proposer, step, cad = _proposer_with_open_step(fused=False, k=0)
+    assert proposer.cos_close_fused_step(torch.tensor([[7], [9]]), None, cad, 3) is None
+    assert not step.consumed and proposer.chosen_calls == []  # its k is chosen after verifying
+
+
+@pytest.mark.parametrize("closed", [True, False])
+def test_propose_hook_returns_the_shortcuts_drafts_or_runs_stock(closed):
+    from vllm_cos.adapters.fusion import propose_hook
+
+    no_drafts = torch.empty(2, 0, dtype=torch.int64)
+    runner = _Runner()
+    runner.drafter = SimpleNamespace(cos_close_fused_step=lambda *a: no_drafts if closed else None)
+    runner.discard_request_mask = SimpleNamespace(gpu=None)
+    runner._draft_probs = runner._draft_prob_req_ids = "stale"
+    stock_calls = []
+    hooked = propose_hook(lambda self, *a: stock_calls.append(a) or "stock drafts", {runner: object()})
+    scheduler_output = SimpleNamespace(num_spec_tokens_to_schedule=3)
+    out = hooked(runner, scheduler_output, torch.tensor([[1], [2]]), None, None, None, None, None,
+                 SimpleNamespace(), None)
+    if closed:
+        assert out is no_drafts and not stock_calls and runner._draft_probs is None
+    else:
+        assert out == "stock drafts" and len(stock_calls) == 1

@@ -36,6 +36,8 @@ HOOKS: list[tuple[str, str]] = [
                     "GPUModelRunner._update_states (stash slots freed, step planned fused or not), "
                     "GPUModelRunner._model_forward (a fused step runs the draft group too; under standard "
                     "the requests' own settings are bound to the served model), "
+                    "GPUModelRunner.propose_draft_token_ids (a fused step that drafts nothing next is "
+                    "closed without vLLM's drafter preparation), "
                     "GPUModelRunner._get_prompt_logprobs_dict (prompt logprobs of r; under standard with "
                     "the requests' own settings)"),
     ("request_checks", "InputProcessor._validate_params / SamplingParams._validate_spec_decode: min_p and "

@@ -23,8 +23,14 @@ Hand-off (asserted, :class:`~vllm_cos.adapters.step.StepInvariantError`): a plan
 forward puts the group's logits (``fused-planned``), its sampler takes them for the same rows
 (``fused-same-batch``); a planned step whose forward did not run the group is ``fused-forward``.
 
+A fused step whose controller keeps 0 drafts is closed by the drafter from
+``GPUModelRunner.propose_draft_token_ids`` (:func:`propose_hook`): vLLM's drafter preparation
+(next-token ids, padded inputs) is skipped, its outputs are only read by async scheduling.
+
 vLLM internals touched: ``GPUModelRunner._model_forward`` (keyword arguments ``input_ids``,
-``positions``, ``intermediate_tensors``, ``inputs_embeds``), runner attributes ``drafter``,
+``positions``, ``intermediate_tensors``, ``inputs_embeds``), ``GPUModelRunner.propose_draft_token_ids``,
+runner attributes ``drafter``, ``discard_request_mask.gpu``, ``_draft_probs``, ``_draft_prob_req_ids``,
+``SchedulerOutput.num_spec_tokens_to_schedule``,
 ``input_batch.num_reqs``, ``num_prompt_logprobs``,
 ``query_start_loc.gpu``; ``SchedulerOutput.scheduled_spec_decode_tokens``.
 """
@@ -105,3 +111,25 @@ def model_forward_hook(stock, cos_runners):
         return output
 
     return _model_forward
+
+
+def propose_hook(stock, cos_runners):
+    """``GPUModelRunner.propose_draft_token_ids``: after a fused step that drafts nothing next,
+    the drafter closes the step itself (no next-token ids or padded inputs are prepared: with
+    synchronous scheduling nothing reads them); any other step runs the stock method."""
+
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                sample_hidden_states, aux_hidden_states, spec_decode_metadata,
+                                common_attn_metadata, slot_mappings):
+        if cos_runners.get(self) is not None and torch.is_tensor(sampled_token_ids):
+            drafts = self.drafter.cos_close_fused_step(sampled_token_ids, self.discard_request_mask.gpu,
+                                                       common_attn_metadata,
+                                                       scheduler_output.num_spec_tokens_to_schedule)
+            if drafts is not None:
+                self._draft_probs = self._draft_prob_req_ids = None
+                return drafts
+        return stock(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                     sample_hidden_states, aux_hidden_states, spec_decode_metadata, common_attn_metadata,
+                     slot_mappings)
+
+    return propose_draft_token_ids

@@ -108,6 +108,7 @@ class CoSProposerMixin:
         self.cos_core = None if carried is None else CoSCore(*carried)
         self.cos_runner = runner
         self._cos_last_step = None  # gamma: auto -- (time, batch, k, drafts accepted, rejections)
+        self._cos_chosen = None  # (step index, k) chosen by cos_close_fused_step for a drafting step
 
     def load_model(self, target_model) -> None:
         super().load_model(target_model)
@@ -250,7 +251,7 @@ class CoSProposerMixin:
         req_ids = tuple(self.cos_runner.input_batch.req_ids[:batch])
         step = core.steps.consume(req_ids)
         if step.fused:  # tokens final, drawn from r: no first pass to verify them
-            gamma = self._draft_length(batch, num_speculative_tokens, query_len)
+            gamma = self._fused_draft_length(step, batch, num_speculative_tokens, query_len)
             self._uncount_discarded(step, batch)
             drafts = torch.empty(batch, 0, dtype=torch.int64, device=next_token_ids.device)
             if gamma:  # drafts again: re-feed the sampled tokens first
@@ -277,6 +278,32 @@ class CoSProposerMixin:
         drafts = self._draft_after(cad, hidden[token_indices], token_indices, tokens, next_token_ids, step,
                                    batch, gamma, num_rejected_tokens_gpu)
         return self._published(drafts)
+
+    def cos_close_fused_step(self, sampled_token_ids, discard_mask, common_attn_metadata, max_drafts: int):
+        """The runner's shortcut (:func:`vllm_cos.adapters.fusion.propose_hook`): after a fused
+        step whose next step drafts nothing either, close the step without vLLM's drafter
+        preparation (next-token ids, padded inputs) and return no drafts [B, 0].  None when this
+        is not such a step; the k chosen for a fused step that drafts is kept for :meth:`propose`."""
+        core = self.cos_core
+        step = None if core is None else core.steps.current
+        if step is None or step.consumed or not step.fused or core.draft_length is None:
+            return None
+        batch = common_attn_metadata.batch_size()
+        gamma = self._draft_length(batch, max_drafts, common_attn_metadata.max_query_len)
+        if gamma:
+            self._cos_chosen = (step.index, gamma)
+            return None
+        core.steps.attach_sampled(sampled_token_ids, discard_mask)
+        step = core.steps.consume(self.cos_runner.input_batch.req_ids[:batch])
+        self._uncount_discarded(step, batch)
+        return self._published(torch.empty(batch, 0, dtype=torch.int64, device=sampled_token_ids.device))
+
+    def _fused_draft_length(self, step, batch: int, max_drafts: int, query_len: int) -> int:
+        """A fused step's k: the one :meth:`cos_close_fused_step` chose for it, else chosen now."""
+        chosen, self._cos_chosen = self._cos_chosen, None
+        if chosen is not None and chosen[0] == step.index:
+            return chosen[1]
+        return self._draft_length(batch, max_drafts, query_len)
 
     def _published(self, drafts):
         """The step's drafts, once its counters are published (metrics, log line)."""

@@ -32,7 +32,7 @@ import logging
 
 import torch
 
-from vllm_cos.adapters.fusion import fusable, model_forward_hook
+from vllm_cos.adapters.fusion import fusable, model_forward_hook, propose_hook
 from vllm_cos.adapters.prompt_logprobs import prompt_logprobs_hook
 from vllm_cos.adapters.proposer import COS_RUNNERS, core_for_batch, make_proposer_class
 from vllm_cos.engine import config_from_additional
@@ -98,6 +98,7 @@ def install() -> None:
     runner_class = runner_module.GPUModelRunner
     runner_class._update_states = update_states_hook(runner_class._update_states)
     runner_class._model_forward = model_forward_hook(runner_class._model_forward, COS_RUNNERS)
+    runner_class.propose_draft_token_ids = propose_hook(runner_class.propose_draft_token_ids, COS_RUNNERS)
     runner_class._get_prompt_logprobs_dict = prompt_logprobs_hook(runner_class._get_prompt_logprobs_dict,
                                                                   COS_RUNNERS)
     _installed = True

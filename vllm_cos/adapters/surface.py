@@ -66,6 +66,11 @@ _SPEC_DECODE = [
     Entry("vllm.v1.core.sched.output", "SchedulerOutput.finished_req_ids", "attribute", None, "spec_decode"),
     Entry("vllm.v1.core.sched.output", "SchedulerOutput.preempted_req_ids", "attribute", None, "spec_decode"),
     Entry("vllm.v1.core.sched.output", "SchedulerOutput.scheduled_spec_decode_tokens", "attribute", None, "fusion"),
+    Entry("vllm.v1.core.sched.output", "SchedulerOutput.num_spec_tokens_to_schedule", "attribute", None, "fusion"),
+    Entry(_RUNNER, "GPUModelRunner.propose_draft_token_ids", "method",
+          ("scheduler_output", "sampled_token_ids", "sampling_metadata", "hidden_states", "sample_hidden_states",
+           "aux_hidden_states", "spec_decode_metadata", "common_attn_metadata", "slot_mappings"), "fusion"),
+    *_attrs(_RUNNER, "GPUModelRunner", "discard_request_mask _draft_probs _draft_prob_req_ids", "fusion"),
     *_attrs("vllm.config.vllm", "VllmConfig", "speculative_config additional_config model_config "
             "scheduler_config", "spec_decode, request_checks, proposer"),
     Entry("vllm.config.scheduler", "SchedulerConfig.max_num_seqs", "attribute", None, "proposer"),
