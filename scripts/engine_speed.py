@@ -7,12 +7,14 @@
     .venv/bin/python scripts/engine_speed.py --models ../shared/models --gamma auto --batch 8
     # three collaborators (equal-weight ensemble), one draft token each (the paper's setting):
     .venv/bin/python scripts/engine_speed.py --models models/tiny --collaborators large medium small --gamma 1
+    # a cos.yaml as it is (e.g. a trained drafter), sampled at T = 1:
+    .venv/bin/python scripts/engine_speed.py --config cos.yaml --schedules standard naive --temperature 1
 
 Each schedule runs in its own child process (one engine per process).  The children run
 with ``LD_PRELOAD`` = Intel OpenMP (``libiomp5.so`` from the venv's ``intel-openmp``) and
 tcmalloc (Debian ``libtcmalloc-minimal4``), as vLLM recommends for CPU inference; a library
 that is missing is skipped with a message (``apt-get install libtcmalloc-minimal4``,
-``pip install intel-openmp``).  Requests are sent one at a time (batch 1), greedy,
+``pip install intel-openmp``).  Requests are sent one at a time (batch 1), greedy unless ``--temperature``,
 ``ignore_eos``; the first request of each engine is a warm-up and is not timed.
 Prints one line per schedule and a JSON summary.
 """
@@ -51,13 +53,13 @@ def preload_libraries() -> tuple[list[str], list[str]]:
     return found, missing
 
 
-def run_child(args) -> dict:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def cos_spec(args) -> tuple[dict, str]:
+    """(the speculative_config dict for ``args.child``'s schedule, the served model's path)."""
+    if args.config:  # a cos.yaml as it is, with the schedule replaced
+        from vllm_cos.config import load_config
 
+        cfg = load_config(args.config)
+        return dict(cfg.to_dict(), schedule=args.child), next(m.path for m in cfg.models if m.name == cfg.target)
     models = Path(args.models).resolve()
     served = args.collaborators[0]
     if args.gamma == "auto":
@@ -66,13 +68,24 @@ def run_child(args) -> dict:
         spec = {"models": [{"name": name, "path": str(models / name), "gamma": 1 if name == served else int(args.gamma)}
                            for name in args.collaborators]}
     spec.update(rule=RULES[args.rule], schedule=args.child)
-    llm = LLM(model=str(models / served), speculative_config=spec, dtype="float32", enforce_eager=True,
+    return spec, str(models / served)
+
+
+def run_child(args) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec, served_path = cos_spec(args)
+    llm = LLM(model=served_path, speculative_config=spec, dtype="float32", enforce_eager=True,
               max_model_len=512, max_num_seqs=max(4, args.batch), gpu_memory_utilization=0.2, seed=0,
               enable_prefix_caching=False)
-    tok = AutoTokenizer.from_pretrained(str(models / served))
+    tok = AutoTokenizer.from_pretrained(served_path)
     prompts = [tok.encode(TEXTS[i % len(TEXTS)], add_special_tokens=False)
                for i in range(args.batch * (args.requests + 1))]
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, ignore_eos=True)
     batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
     for warm in batches[:1] * (3 if args.gamma == "auto" else 1):  # warm-up (auto: measures its costs)
         llm.generate([TokensPrompt(prompt_token_ids=p) for p in warm], params, use_tqdm=False)
@@ -91,6 +104,7 @@ def run_child(args) -> dict:
     # process CPU time (all threads; the engine runs in this process) is less sensitive than
     # wall time to other load on a shared machine
     result = {"schedule": args.child, "rule": args.rule, "gamma": args.gamma, "batch": args.batch,
+              "config": args.config, "temperature": args.temperature,
               "requests": args.requests * args.batch, "tokens": tokens,
               "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2),
               "cpu_seconds": round(cpu_seconds, 3), "tokens_per_cpu_s": round(tokens / cpu_seconds, 2),
@@ -123,14 +137,24 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the engine")
+    parser.add_argument("--config", help="a cos.yaml used as it is (its models, rule, gammas and proposer); each "
+                        "--schedules entry replaces its schedule, and --models/--collaborators/--rule/--gamma are unused")
+    parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(run_child(args)), flush=True)
         return 0
 
-    if args.rule == "cd" and len(args.collaborators) != 2:
+    if args.rule == "cd" and len(args.collaborators) != 2 and not args.config:
         parser.error("--rule cd takes exactly two --collaborators")
+    if args.config:
+        from vllm_cos.config import ConfigError, load_config
+
+        try:
+            load_config(args.config)
+        except (ConfigError, OSError) as exc:
+            parser.error(f"--config {args.config}: {exc}")
     libs, messages = preload_libraries()
     for m in messages:
         print(f"engine_speed: {m}", file=sys.stderr)
@@ -144,7 +168,8 @@ def main() -> int:
     for schedule in args.schedules:
         cmd = [sys.executable, __file__, "--child", schedule, "--models", args.models, "--rule", args.rule,
                "--collaborators", *args.collaborators,
-               "--gamma", str(args.gamma), "--batch", str(args.batch), "--max-tokens", str(args.max_tokens), "--requests", str(args.requests)]
+               "--gamma", str(args.gamma), "--batch", str(args.batch), "--max-tokens", str(args.max_tokens), "--requests", str(args.requests),
+               "--temperature", str(args.temperature)] + (["--config", args.config] if args.config else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:

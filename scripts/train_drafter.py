@@ -9,11 +9,14 @@
 r is the rule of ``--config`` over its collaborators' ORIGINAL weights (the proposer's own entry
 included: the trained copy is a separate model), teacher forced on Python files of this machine
 (default: the standard library; ``--text`` other files / folders), split by file into training
-and held-out files.  Held-out figures: alpha_j (j = 1..gamma, position j of a block conditioned
-on the TRUE previous tokens -- in real decoding the drafter conditions on its own drafts) and the
-mean accepted length per block (sum_j prod_{i<=j} alpha_i, draft tokens only, no bonus token).
-Prints the held-out loss and acceptance before and after, and a JSON summary (``--json`` also
-writes it to a file).  See :mod:`vllm_cos.drafter_losses` for the loss terms.
+and held-out files.  Held-out figures, two ways: teacher forced (alpha_j, j = 1..gamma: position j
+of a block conditioned on the TRUE previous tokens, and the mean accepted length
+sum_j prod_{i<=j} alpha_i, draft tokens only, no bonus token), and "own drafts": after a context of
+``--context`` true tokens the drafter samples its block itself, as in decoding, and alpha_j is
+P(draft j accepted | drafts 1..j-1 accepted) under min(1, r/q) (exact along each sampled path).
+``--blocks drafted`` trains on such blocks too.  Prints the held-out figures before and after, and
+a JSON summary (``--json`` also writes it to a file).  See :mod:`vllm_cos.drafter_losses` for the
+loss terms and :mod:`vllm_cos.drafter_blocks` for the drafted blocks.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from vllm_cos.config import load_config  # noqa: E402
 from vllm_cos.drafter_losses import DIVERGENCES  # noqa: E402
-from vllm_cos.drafter_training import TrainSettings, run  # noqa: E402
+from vllm_cos.drafter_training import BLOCKS, TrainSettings, run  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -41,9 +44,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", help="start from this checkpoint instead of the proposer's own path")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch", type=int, default=8, help="windows per step")
     p.add_argument("--window", type=int, default=128, help="tokens per teacher-forced window")
+    p.add_argument("--blocks", choices=BLOCKS, default="teacher",
+                   help="train on teacher-forced blocks, or on blocks of the drafter's own drafts")
+    p.add_argument("--context", type=int, default=32, help="true tokens before each drafted block")
     p.add_argument("--divergence", choices=DIVERGENCES, default="kl")
     p.add_argument("--positional", type=float, default=None, help="positional weight decay in (0, 1]")
     p.add_argument("--focal", type=float, default=0.0, help="weight of the first-error focal term")
@@ -58,11 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-only", action="store_true", help="only the held-out figures of --init / the proposer")
     p.add_argument("--json", type=Path, help="also write the summary here")
     args = p.parse_args(argv)
-    for flag in ("steps", "gamma", "batch", "window", "train_tokens", "eval_tokens"):
+    for flag in ("steps", "gamma", "batch", "window", "context", "train_tokens", "eval_tokens"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     if args.window < args.gamma:
         p.error(f"--window {args.window}: must be >= --gamma {args.gamma}")
+    if args.window < args.context + args.gamma:
+        p.error(f"--window {args.window}: must be >= --context {args.context} + --gamma {args.gamma}")
     if args.positional is not None and not 0 < args.positional <= 1:
         p.error(f"--positional: must be in (0, 1], got {args.positional}")
     return args
@@ -72,6 +80,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     settings = TrainSettings(steps=args.steps, gamma=args.gamma, lr=args.lr, batch=args.batch, window=args.window,
+                             blocks=args.blocks, context=args.context,
                              divergence=args.divergence, positional=args.positional, focal=args.focal,
                              chain=args.chain, seed=args.seed)
     text = {"roots": args.text, "held_out": args.held_out, "train_tokens": args.train_tokens,

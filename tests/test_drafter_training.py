@@ -64,13 +64,27 @@ def test_training_improves_the_proposer_and_writes_a_loadable_checkpoint(tiny_mo
     assert again["before"]["accepted_length"] == pytest.approx(after["accepted_length"], abs=1e-4)
 
 
+def test_training_on_own_drafts_raises_their_acceptance(tiny_models, tmp_path):
+    torch.set_num_threads(1)
+    cfg = tiny_config(tiny_models, tmp_path, {"name": "weighted_ensemble", "weights": {"large": 0.5, "small": 0.5}})
+    settings = TrainSettings(steps=30, gamma=3, lr=3e-3, batch=4, window=48, context=12, blocks="drafted",
+                             divergence="tv", chain=0.5, seed=0)
+    result = run(cfg, "small", None, settings, text={"train_tokens": 6000, "eval_tokens": 1500},
+                 log=lambda line: None)
+    before, after = result["before_drafted"], result["after_drafted"]
+    assert before["blocks"] == after["blocks"] == 31 * 12  # 1500 tokens = 31 windows, (48 - 12) // 3 blocks each
+    assert after["accepted_length"] > before["accepted_length"] + 0.05
+    assert all(0 < a < 1 for a in after["acceptance"])
+
+
 def test_contrastive_rule_and_errors_name_the_flag(tiny_models, tmp_path):
     cfg = tiny_config(tiny_models, tmp_path, {"name": "contrastive", "expert": "large", "amateur": "small", "mu": 0.1})
-    settings = TrainSettings(steps=1, gamma=2, batch=2, window=16)
+    settings = TrainSettings(steps=1, gamma=2, batch=2, window=16, context=8)
     result = run(cfg, "small", None, settings, text={"train_tokens": 64, "eval_tokens": 64}, eval_only=True,
                  log=lambda line: None)
     assert result["rule"] == "contrastive" and len(result["before"]["acceptance"]) == 2
     assert result["before"]["blocks"] == 4 * 8  # 64 tokens = 4 windows of 16 = 8 blocks of 2 each
+    assert result["before_drafted"]["blocks"] == 4 * 4  # (16 - 8) // 2 drafted blocks per window
     with pytest.raises(ValueError, match="--proposer"):
         run(cfg, "medium", None, settings, eval_only=True)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vllm_cos"
 CORE = ["combine", "sampling", "verify", "ledger", "schedule", "config", "rules", "cosd", "model_files",
-        "coupling", "overrides", "adaptive", "mixture", "reference", "drafter_losses", "drafter_training"]
+        "coupling", "overrides", "adaptive", "mixture", "reference", "drafter_losses", "drafter_blocks",
+        "drafter_training"]
 ENGINE_SETUP = ["engine"]
 ABOVE_ADAPTERS = ("vllm_cos.offline", "vllm_cos.cli", "vllm_cos.bench", "vllm_cos.demo")
 

@@ -12,9 +12,12 @@ command line):
    (:func:`vllm_cos.combine.build_combiner`) turns the stacked member logits into r at every
    position; the window is then cut into blocks of ``gamma`` consecutive positions
    (:func:`to_blocks`).  Position j of a block is conditioned on the TRUE previous tokens; in
-   real decoding the drafter conditions on its own drafts, so the held-out figures here are the
-   teacher-forced acceptance, not the engine's;
-3. the proposer's copy is trained with AdamW on :func:`vllm_cos.drafter_losses.drafter_loss`;
+   real decoding the drafter conditions on its own drafts, so the held-out figures are given
+   both ways: teacher forced (:func:`evaluate`) and on the drafter's own drafts
+   (:func:`evaluate_drafted`, :mod:`vllm_cos.drafter_blocks`: exact expected acceptance of the
+   sampled paths, what the engine's verification sees);
+3. the proposer's copy is trained with AdamW on :func:`vllm_cos.drafter_losses.drafter_loss`,
+   on teacher-forced blocks or (``blocks="drafted"``) on blocks of its own drafts;
 4. :func:`save_drafter` writes it with ``save_pretrained`` (source dtype by default) plus the
    source's tokenizer files, so vLLM can load it as a collaborator.
 """
@@ -35,21 +38,25 @@ from typing import Callable
 import torch
 
 from vllm_cos.combine import build_combiner
+from vllm_cos.drafter_blocks import drafted_metrics, drafted_pair, eval_contexts, path_acceptance, random_contexts
 from vllm_cos.drafter_losses import acceptance_probs, drafter_loss
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "chat_template.jinja")
 MAX_FILE_BYTES = 1_000_000
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BLOCKS = ("teacher", "drafted")  # training blocks: teacher forced, or the drafter's own drafts
 
 
 @dataclass(frozen=True)
 class TrainSettings:
     steps: int = 200
     gamma: int = 4
-    lr: float = 1e-3
+    lr: float = 1e-4
     batch: int = 8  # windows per step (each gives window // gamma blocks)
     window: int = 128  # tokens per teacher-forced window
+    blocks: str = "teacher"  # teacher: every gamma positions of a true window; drafted: see drafter_blocks
+    context: int = 32  # drafted: true tokens before each drafted block
     divergence: str = "kl"
     positional: float | None = None  # decay of the positional weights; None: uniform
     focal: float = 0.0
@@ -200,7 +207,12 @@ def train_drafter(drafter, teacher: Teacher, train_windows: torch.Tensor, settin
         if len(order) < settings.batch:
             order = torch.cat([order, torch.randperm(len(train_windows), generator=generator)])
         batch_ids, order = train_windows[order[:settings.batch]], order[settings.batch:]
-        draft_logits, combined_probs = block_pair(drafter, teacher, batch_ids, settings.gamma)
+        if settings.blocks == "drafted":  # as many blocks per step as eval_contexts gives from batch windows
+            rows = settings.batch * ((settings.window - settings.context) // settings.gamma)
+            contexts = random_contexts(train_windows, rows, settings.context, generator)
+            draft_logits, combined_probs, _ = drafted_pair(drafter, teacher, contexts, settings.gamma, generator)
+        else:
+            draft_logits, combined_probs = block_pair(drafter, teacher, batch_ids, settings.gamma)
         loss, parts = drafter_loss(draft_logits, combined_probs, **settings.loss_kwargs())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,6 +249,25 @@ def evaluate(drafter, teacher: Teacher, windows: torch.Tensor, settings: TrainSe
     drafter.train(was_training)
     return {"acceptance": (alpha_sum / blocks).tolist(), "accepted_length": length_sum / blocks,
             "loss": loss_sum / blocks, "blocks": blocks}
+
+
+@torch.no_grad()
+def evaluate_drafted(drafter, teacher: Teacher, windows: torch.Tensor, settings: TrainSettings,
+                     batch: int = 32) -> dict:
+    """Acceptance of the drafter's own drafts (:mod:`vllm_cos.drafter_blocks`) after every
+    ``context + gamma`` chunk start of ``windows``; seeded by ``settings.seed``."""
+    was_training = drafter.training
+    drafter.eval()
+    generator = torch.Generator().manual_seed(settings.seed + 1)
+    contexts = eval_contexts(windows, settings.context, settings.gamma)
+    survival_sum = torch.zeros(settings.gamma, dtype=torch.float64)
+    for start in range(0, len(contexts), batch):
+        draft_logits, combined_probs, drafts = drafted_pair(drafter, teacher, contexts[start:start + batch],
+                                                            settings.gamma, generator)
+        accept = path_acceptance(torch.softmax(draft_logits, dim=-1), combined_probs, drafts).double().cpu()
+        survival_sum += torch.cumprod(accept, dim=-1).sum(dim=0)
+    drafter.train(was_training)
+    return drafted_metrics(survival_sum, len(contexts))
 
 
 # ---------------------------------------------------------------------------- checkpoint
@@ -297,12 +328,16 @@ def run(cfg, proposer: str, out_dir: str | Path | None, settings: TrainSettings,
     result = {"settings": asdict(settings), "proposer": proposer, "init": init_dir, "rule": cfg.rule.name,
               "train_windows": len(train_windows), "eval_windows": len(eval_windows)}
     result["before"] = evaluate(drafter, teacher, eval_windows, settings)
+    result["before_drafted"] = evaluate_drafted(drafter, teacher, eval_windows, settings)
     log(f"held-out before: {_summary(result['before'])}")
+    log(f"  own drafts:    {_summary(result['before_drafted'])}")
     if eval_only:
         return result
     result["history"] = train_drafter(drafter, teacher, train_windows, settings, log=log)
     result["after"] = evaluate(drafter, teacher, eval_windows, settings)
+    result["after_drafted"] = evaluate_drafted(drafter, teacher, eval_windows, settings)
     log(f"held-out after:  {_summary(result['after'])}")
+    log(f"  own drafts:    {_summary(result['after_drafted'])}")
     if out_dir is not None:
         meta = {k: v for k, v in result.items() if k != "history"}
         result["out"] = str(save_drafter(drafter, source_dir, out_dir, save_dtype, meta=meta))
@@ -311,4 +346,5 @@ def run(cfg, proposer: str, out_dir: str | Path | None, settings: TrainSettings,
 
 def _summary(metrics: dict) -> str:
     alphas = " ".join(f"{a:.4f}" for a in metrics["acceptance"])
-    return f"loss {metrics['loss']:.4f}  alpha_j [{alphas}]  accepted length {metrics['accepted_length']:.4f}"
+    loss = f"loss {metrics['loss']:.4f}  " if "loss" in metrics else ""
+    return f"{loss}alpha_j [{alphas}]  accepted length {metrics['accepted_length']:.4f}"
