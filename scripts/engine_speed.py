@@ -117,6 +117,7 @@ def run_child(args) -> dict:
                                                       "served_proposed", "served_accepted", "tokens_emitted", "row_steps")}
         proposed = d["drafts_proposed"] + d["served_proposed"]
         result.update(acceptance_rate=round((d["drafts_accepted"] + d["served_accepted"]) / max(proposed, 1), 3),
+                      draft_acceptance=round(d["drafts_accepted"] / max(d["drafts_proposed"], 1), 3),
                       mean_accepted_length=round(d["tokens_emitted"] / max(d["row_steps"], 1), 3),
                       mean_tokens_per_step=round(d["tokens_emitted"] / max(d["steps"], 1), 3),
                       forwards_served=d["steps"], forwards_draft_group=d["draft_forwards"])
@@ -180,7 +181,7 @@ def main() -> int:
         results.append(result)
         extra = ""
         if "acceptance_rate" in result:
-            extra = (f", acceptance {result['acceptance_rate']}, mean accepted length "
+            extra = (f", acceptance {result['acceptance_rate']} (drafts {result['draft_acceptance']}), mean accepted length "
                      f"{result['mean_accepted_length']}, tokens per engine step {result['mean_tokens_per_step']}")
         cpu = (f", {result['tokens_per_cpu_s']} tok/CPU-s, load {result['load_avg_1m']}"
                if "tokens_per_cpu_s" in result else "")
