@@ -78,18 +78,11 @@ class _CoSSamplerBase:
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         log_r = core.combine(core.crop(logits), group_logits, controls.rule_params(RowLayout.at(zeros)))
         grammar = None if grammar is None else core.crop(grammar)
-        controlled = controls.apply(log_r, RowLayout.at(zeros), grammar)
-        if sampling_metadata.all_greedy and sampling_metadata.max_num_logprobs is None:
-            # every row greedy: r is one-hot on the controlled argmax, which is the token any
-            # draw from r gives (seeded rows' races included); no sort, cumsum or uniforms
-            token = controlled.argmax(dim=-1)
-            r = torch.nn.functional.one_hot(token, controlled.shape[-1]).float()
-        else:
-            r = sampling.probs(controlled)
-            token = sampling.sample(r, zeros)
+        r = sampling.probs(controls.apply(log_r, RowLayout.at(zeros), grammar))
         nothing = ServedProposals(rows=torch.zeros(batch, dtype=torch.bool, device=device), slot=zeros,
                                   target_logits=log_r, proposal_probs=r, grammar=grammar)
-        return self._one_token_step(token, nothing, req_ids, controls, sampling, sampling_metadata, fused=True)
+        return self._one_token_step(sampling.sample(r, zeros), nothing, req_ids, controls, sampling,
+                                    sampling_metadata, fused=True)
 
     def _one_token_step(self, token, proposals, req_ids, controls, sampling, sampling_metadata, fused=False):
         """Open the step of a one-token-per-row sample (``token`` [B]) and return its output; the
