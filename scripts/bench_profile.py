@@ -51,6 +51,15 @@ def _cumulative(stats, key: str) -> tuple[int, float]:
     return calls, cum
 
 
+def _cumulative_from(stats, key: str, caller_file: str) -> float:
+    """Cumulative seconds of ``file:function`` in calls made from functions of ``caller_file``
+    (the draft group's forwards run by the proposer, not those inside a fused served forward)."""
+    file_part, func = key.split(":")
+    return sum(edge[3] for (file, _, f), (*_, callers) in stats.stats.items()
+               if f == func and file.endswith(file_part)
+               for (c_file, _, _), edge in callers.items() if c_file.endswith(caller_file))
+
+
 # --timers: wall-clock per call of these (module, class or None, attribute), no profiler overhead
 TIMED = [("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
          ("vllm.v1.core.sched.scheduler", "Scheduler", "update_from_output"),
@@ -116,10 +125,10 @@ def _run_timed(llm, args, prompts) -> None:
             print(f"  {label:45s} {calls:6d} calls {1000 * seconds / steps:8.3f} ms/step")
 
 
-def _cos_spec(models, rule, schedule, gamma: str) -> dict:
+def _cos_spec(models, rule, schedule, gamma: str, three: bool = False) -> dict:
     if gamma != "auto":
-        return bench.cos_spec(models, rule, schedule, int(gamma))
-    spec = bench.cos_spec(models, rule, schedule, 1)
+        return bench.cos_spec(models, rule, schedule, int(gamma), three)
+    spec = bench.cos_spec(models, rule, schedule, 1, three)
     for entry in spec["models"]:
         entry.pop("gamma")
     return {**spec, "gamma": "auto"}
@@ -138,7 +147,8 @@ def main(argv=None):
     p.add_argument("--target", default="large")
     p.add_argument("--small", default="small")
     p.add_argument("--schedule", default="alternate", choices=["standard", "naive", "alternate", "single", "sd"])
-    p.add_argument("--rule", default="we", choices=["we", "cd"])
+    p.add_argument("--rule", default="we", choices=["we", "cd", "we3"],
+                   help="we3: WE with three equal weights (--target, --small and the bench's third model)")
     p.add_argument("--gamma", default="3", help="draft tokens of the small model per step, or 'auto'")
     p.add_argument("--drafts", type=int, default=None,
                    help="with --gamma auto: force every step to draft this many tokens (0 = verify only)")
@@ -160,7 +170,9 @@ def main(argv=None):
     settings, _ = bench.parse_args(["--models", args.models, "--target", args.target, "--small", args.small,
                                     "--batch-sizes", str(args.batch)])
     models = bench._models(settings)
-    rule = bench.we_rule(models, 0.5) if args.rule == "we" else bench.cd_rule(models, 0.1)
+    three = args.rule == "we3"
+    rule = (bench.we3_rule(models) if three else bench.we_rule(models, 0.5) if args.rule == "we"
+            else bench.cd_rule(models, 0.1))
     if args.schedule == "single":
         job = bench.EngineJob("single", "single", "none", "", None, [args.temperature])
     elif args.schedule == "sd":
@@ -169,7 +181,7 @@ def main(argv=None):
                                     "num_speculative_tokens": int(args.gamma)})
     else:
         job = bench.EngineJob(args.schedule, args.schedule, args.rule, "", args.gamma, [args.temperature],
-                              spec=_cos_spec(models, rule, args.schedule, args.gamma))
+                              spec=_cos_spec(models, rule, args.schedule, args.gamma, three))
     if args.drafts is not None:
         _force_draft_length(args.drafts)
     llm = bench.start_engine(job, models, settings)
@@ -205,9 +217,12 @@ def main(argv=None):
             per_step = 1000 * cums[key] / steps if steps else float("nan")
             print(f"{label:45s} {calls:7d} {cums[key]:8.3f} {per_step:8.2f} {100 * cums[key] / wall:6.1f}%")
     if args.schedule in ("naive", "alternate"):
-        overhead = (cums["samplers.py:__call__"] + cums["proposer.py:propose"]
-                    - cums["member_stack.py:forward"] - cums["member_stack.py:member_logits"])
-        print(f"CoS overhead (samplers + proposer without the group's model compute): "
+        _, runner_propose = _cumulative(stats, "fusion.py:propose_draft_token_ids")  # the hooked runner method
+        overhead = (cums["samplers.py:__call__"] + runner_propose
+                    - _cumulative_from(stats, "member_stack.py:forward", "proposer.py")
+                    - _cumulative_from(stats, "member_stack.py:member_logits", "proposer.py"))
+        print(f"CoS overhead (samplers + the runner's propose_draft_token_ids, hooked, without the proposer's group "
+              f"forwards and logits): "
               f"{1000 * overhead / steps:.2f} ms/step = {100 * overhead / wall:.1f}% of the step")
     print()
     stats.sort_stats("tottime").print_stats(args.top)

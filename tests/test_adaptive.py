@@ -156,3 +156,50 @@ def test_a_prefill_step_is_no_cost_sample():
     assert c.buckets[8].cost[1] == 1.0
     c.observe(8, 1, 9.0, accepted=0, rejected=0)  # a pause: counted as at most 2x the mean
     assert c.buckets[8].cost[1] == pytest.approx(1.0 + 0.1 * (2.0 - 1.0))
+
+
+def test_a_new_bucket_borrows_a_near_buckets_shape_and_runs_no_trial():
+    # bucket 32 learnt that drafting does not pay; batch 21 (bucket 16, e.g. the end of that batch,
+    # as requests finish) starts at k = 0 straight away instead of measuring k = 4 and k = 0 first
+    c = DraftLengthController(max_drafts=4, explore_every=10 ** 9)
+    _simulate(c, 32, lambda k: 1.0 + k, acceptance=0.2, steps=50)
+    assert c.chosen()[32] == 0
+    ks = []
+    for _ in range(6):
+        ks.append(c.choose(21))
+        c.observe(21, ks[-1], 0.6 + 0.6 * ks[-1], accepted=0, rejected=21 if ks[-1] else 0)
+    assert ks == [0] * 6 and c.buckets[16].trial == [] and c.buckets[16].cost == {0: pytest.approx(0.6)}
+    # t(16, k) is bucket 32's shape scaled to the one measured point
+    assert c.estimated_cost(16, 4) == pytest.approx(0.6 * c.estimated_cost(32, 4) / c.estimated_cost(32, 0))
+
+
+def test_no_donor_farther_than_four_times_the_batch():
+    c = DraftLengthController(max_drafts=4, explore_every=10 ** 9)
+    _simulate(c, 1, lambda k: 1.0 + 0.1 * k, acceptance=0.9, steps=20)
+    assert c.estimated_cost(4, 2) is not None and c.estimated_cost(8, 2) is None
+    assert c.choose(8) == 4 and c.buckets[8].trial == [4, 0, 0]  # measures both ends itself
+
+
+def test_a_re_measurement_tries_the_neighbour_above_the_best_not_far_unmeasured_ks():
+    c = DraftLengthController(max_drafts=4, explore_every=32)
+    c.choose(8)
+    c.buckets[8].cost = {2: 1.0, 4: 3.0}
+    assert c._explore(c.buckets[8], 2) == 3
+    assert c._explore(c.buckets[8], 4) == 3
+    assert c._explore(c.buckets[8], 0) == 1
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_acceptance_is_unbiased_at_batch_one(batch):
+    # a ratio of sums over drafts tried: at batch 1, k = 4, a = 0.6 the mean of each step's own
+    # ratio would be 0.41 (a first-draft rejection counts 0 however few drafts were tried)
+    c = DraftLengthController(max_drafts=4)
+    rng, ratios = random.Random(0), []
+    for _ in range(4000 // batch):
+        runs = [next(j for j in range(5) if j == 4 or rng.random() >= 0.6) for _ in range(batch)]
+        accepted, rejected = sum(runs), sum(run < 4 for run in runs)
+        c.observe(batch, 4, 1.0, accepted=accepted, rejected=rejected)
+        ratios.append(accepted / (accepted + rejected))
+    assert c.acceptance == pytest.approx(0.6, abs=0.06)
+    if batch == 1:
+        assert sum(ratios) / len(ratios) < 0.45  # what a running mean of step ratios converges to

@@ -11,17 +11,24 @@ on CPU at batch >= 8 verifying k tokens per request costs far more than one, whi
 fixed gamma is slower than standard under load.  The controller maximises B * E(k) / t(B, k),
 k = 0 included (the collaborators then only verify each other's single proposals).
 
-Estimates: a is a running (exponentially weighted) per-draft acceptance, accepted / (accepted +
-rejections): a row's drafts stop at its first rejection, so the drafts after it were never
-tried (accepted / proposed would be (a + a^2 + ... + a^k) / k, biased low for k > 1 and so
-towards short drafts); with a share ``kept`` of the drafting rows whose drafts are verified at
-all (a row whose served proposal the group changed has its drafts voided), E(k) = 1 + kept *
-(a + ... + a^k).  t(B, k) is a running mean of the wall time of steady steps (the
+Estimates: a is the per-draft acceptance accepted / (accepted + rejections) over about the last
+``ACCEPTANCE_WINDOW`` drafts tried (both sums decay per draft tried): a row's drafts stop at its
+first rejection, so the drafts after it were never tried (accepted / proposed would be (a + a^2
++ ... + a^k) / k, biased low for k > 1 and so towards short drafts).  It is a ratio of sums, not
+a running mean of each step's ratio: at batch 1 and k = 4, a = 0.6, a step's own ratio averages
+0.41 (a step that rejects its first draft counts 0 however few drafts it tried), which once led
+the controller to stop drafting where drafting paid.  With a share ``kept`` of the drafting rows
+whose drafts are verified at all (a row whose served proposal the group changed has its drafts
+voided), E(k) = 1 + kept * (a + ... + a^k).  t(B, k) is a running mean of the wall time of steady steps (the
 previous step used the same k, so that the step verified k drafts and drafted k).  A k never
-measured in a bucket is estimated from the measured ones (linear in k); a new bucket first
-measures both ends (k = max and k = 0, two steps each), and every bucket re-measures a
-neighbour of its best k every ``explore_every`` steps, for two steps (the second is the steady
-one); the interval doubles while the re-measurements confirm the best k (at most 16x).  Pure Python: no torch, no vLLM.
+measured in a bucket is estimated from the measured ones (linear in k).  A new bucket borrows
+the shape of t(B, k) in k from the nearest bucket (within 4x) that has measured two ks and starts
+at the k that shape makes best (no trial steps: a batch that passes through a bucket, e.g. the
+last steps of a batch whose requests finish, pays none); without one it first measures both ends
+(k = max and k = 0, two steps each).  Every bucket re-measures the neighbour above its best k
+(below at the maximum) every ``explore_every`` steps, for two steps (the second is the steady
+one); the interval doubles while the re-measurements confirm the best k (at most 16x).  Pure
+Python: no torch, no vLLM.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ from dataclasses import dataclass, field
 
 
 OUTLIER = 2.0  # a step-time sample counts as at most this multiple of its running mean
+ACCEPTANCE_WINDOW = 256  # drafts tried: the acceptance estimate's memory
+PRIOR_WEIGHT = 8  # drafts tried that the prior acceptance counts for
+DONOR_RANGE = 4  # a new bucket borrows the shape of t(B, k) from a bucket at most this many x away
 
 
 def expected_tokens(acceptance: float, k: int, kept: float = 1.0) -> float:
@@ -39,6 +49,17 @@ def expected_tokens(acceptance: float, k: int, kept: float = 1.0) -> float:
     a = min(max(acceptance, 0.0), 1.0)
     tokens = float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
     return 1.0 + min(max(kept, 0.0), 1.0) * (tokens - 1.0)
+
+
+def _interpolate(cost: dict[int, float], k: int) -> float:
+    """Linear in k through two or more measured points (extrapolated past the ends)."""
+    ks = sorted(cost)
+    lo, hi = (ks[0], ks[1]) if k < ks[0] else (ks[-2], ks[-1]) if k > ks[-1] else \
+        max((a, b) for a, b in zip(ks, ks[1:]) if a <= k <= b)
+    if k == lo:
+        return cost[lo]
+    slope = (cost[hi] - cost[lo]) / (hi - lo)
+    return max(cost[lo] + slope * (k - lo), 1e-9)
 
 
 def bucket_of(batch: int) -> int:
@@ -69,21 +90,37 @@ class DraftLengthController:
     explore_every: int = 128  # steps between re-measurements (doubling while confirmed)
     buckets: dict[int, _Bucket] = field(default_factory=dict)
     _last: tuple[int, int] | None = None  # (bucket, k) of the previous step
+    _tried: float = 0.0  # decayed sums behind ``acceptance``: drafts tried, and accepted
+    _accepted: float = 0.0
+
+    def __post_init__(self):
+        self._tried, self._accepted = float(PRIOR_WEIGHT), PRIOR_WEIGHT * self.acceptance
 
     def estimated_cost(self, bucket: int, k: int) -> float | None:
-        """t(B, k) measured, or linear in k through the measured points (None if none)."""
+        """t(B, k): measured; else linear in k through the bucket's measured points; with fewer
+        than two, the shape of the nearest bucket that has two (:meth:`_donor`), scaled to this
+        bucket's one point (unscaled without one: only the ratios between ks matter to the
+        choice); else each draft assumed to add half a step.  None: nothing to go on."""
         cost = self.buckets.get(bucket, _Bucket()).cost
         if k in cost:
             return cost[k]
+        if len(cost) >= 2:
+            return _interpolate(cost, k)
+        donor = self._donor(bucket)
+        if donor is not None:
+            scale = next((t / _interpolate(donor, k0) for k0, t in cost.items()), 1.0)
+            return scale * _interpolate(donor, k)
         if not cost:
             return None
-        ks = sorted(cost)
-        if len(ks) == 1:  # one point: assume each draft adds half a step (refined once measured)
-            return cost[ks[0]] * (1.0 + 0.5 * (k - ks[0]) / (ks[0] + 1)) if k > ks[0] else cost[ks[0]]
-        lo, hi = (ks[0], ks[1]) if k < ks[0] else (ks[-2], ks[-1]) if k > ks[-1] else \
-            max((a, b) for a, b in zip(ks, ks[1:]) if a < k < b)
-        slope = (cost[hi] - cost[lo]) / (hi - lo)
-        return max(cost[lo] + slope * (k - lo), 1e-9)
+        (k0, t0), = cost.items()  # one point: assume each draft adds half a step (refined once measured)
+        return t0 * (1.0 + 0.5 * (k - k0) / (k0 + 1)) if k > k0 else t0
+
+    def _donor(self, bucket: int) -> dict[int, float] | None:
+        """The measured costs of the nearest other bucket within ``DONOR_RANGE`` x that has at
+        least two measured ks: how t(B, k) grows with k changes slowly with B."""
+        near = [(abs(b.bit_length() - bucket.bit_length()), b) for b, s in self.buckets.items()
+                if b != bucket and len(s.cost) >= 2 and max(b, bucket) <= DONOR_RANGE * min(b, bucket)]
+        return self.buckets[min(near)[1]].cost if near else None
 
     def rate(self, bucket: int, k: int) -> float | None:
         """Expected tokens per second per request with k drafts (None without any cost)."""
@@ -98,11 +135,13 @@ class DraftLengthController:
         if state.trial:
             return state.trial.pop(0)
         rates = {k: self.rate(b, k) for k in range(self.max_drafts + 1)}
-        if rates[0] is None:  # nothing measured: two steady steps at each end, max drafts first
+        if rates[0] is None:  # nothing to go on: two steady steps at each end, max drafts first
             state.best = self.max_drafts
             state.trial = [self.max_drafts, 0, 0]
             state.next_explore = self.explore_every
             return self.max_drafts
+        if state.steps == 1:  # a new bucket with a donor's shape: its best k first, measured as it runs
+            state.next_explore = self.explore_every
         best = max(rates, key=lambda k: rates[k])
         state.best = best
         if state.steps >= state.next_explore:
@@ -119,9 +158,7 @@ class DraftLengthController:
             state.interval = self.explore_every
         state.explored_from = best
         state.next_explore = state.steps + state.interval
-        unmeasured = [k for k in range(self.max_drafts + 1) if k not in state.cost]
-        neighbour = unmeasured[0] if unmeasured else (best + 1 if best < self.max_drafts else best - 1)
-        neighbour = min(max(neighbour, 0), self.max_drafts)
+        neighbour = best + 1 if best < self.max_drafts else max(best - 1, 0)  # the others: interpolated
         state.trial = [neighbour]
         return neighbour
 
@@ -133,7 +170,10 @@ class DraftLengthController:
         nothing about t(B, k), so it is not a cost sample).  A sample above
         ``OUTLIER`` x the running mean (a pause, a collection) counts as that bound."""
         if accepted + rejected > 0:
-            self.acceptance += self.smoothing * (accepted / (accepted + rejected) - self.acceptance)
+            decay = (1.0 - 1.0 / ACCEPTANCE_WINDOW) ** (accepted + rejected)
+            self._tried = decay * self._tried + accepted + rejected
+            self._accepted = decay * self._accepted + accepted
+            self.acceptance = self._accepted / self._tried
         if drafted > 0:
             self.kept += self.smoothing * (1.0 - voided / drafted - self.kept)
         b = bucket_of(batch)

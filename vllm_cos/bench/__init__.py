@@ -80,7 +80,7 @@ from vllm_cos.bench.environment import (  # noqa: F401
 )
 from vllm_cos.bench.rows import CLOCKS, cost_ratios, derive, MIXTURE, rate, REF_PEERS, Row, _set_timing  # noqa: F401
 from vllm_cos.bench.jobs import (  # noqa: F401
-    AUTO, cd_rule, cos_spec, EngineJob, job_measurements, MAIN_CONFIGS, plan, swapped_spec, we_rule, _models,
+    AUTO, cd_rule, cos_spec, EngineJob, job_measurements, MAIN_CONFIGS, plan, swapped_spec, we_rule, we3_rule, _models,
     _repo_root,
 )
 from vllm_cos.bench.engine_rows import (  # noqa: F401

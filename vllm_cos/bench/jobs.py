@@ -88,6 +88,12 @@ def we_rule(models: dict, lam: float) -> dict:
     return {"name": "weighted_ensemble", "weights": {names["target"]: lam, names["small"]: 1.0 - lam}}
 
 
+def we3_rule(models: dict) -> dict:
+    """WE with the served, the small and the third model equally weighted."""
+    names = models["_names"]
+    return {"name": "weighted_ensemble", "weights": {names[k]: 1 / 3 for k in ("target", "small", "third")}}
+
+
 def cd_rule(models: dict, mu: float) -> dict:
     names = models["_names"]
     return {"name": "contrastive", "expert": names["target"], "amateur": names["small"], "mu": mu}
@@ -215,8 +221,7 @@ def _gamma_grid_jobs(settings: Settings, models: dict, temps: list[float], rule_
 
 def _three_model_jobs(settings: Settings, models: dict, temps: list[float], rule_t: dict) -> list[EngineJob]:
     """WE with three equally weighted models (every batch size, first prompt set)."""
-    names = models["_names"]
-    rule_dict = {"name": "weighted_ensemble", "weights": {names[k]: 1 / 3 for k in ("target", "small", "third")}}
+    rule_dict = we3_rule(models)
     # gamma 1: the paper's 3-model setting (every model proposes one token per turn)
     variants = [("standard", None), ("naive", settings.gamma), ("alternate", 1), ("alternate", settings.gamma)]
     jobs = [EngineJob(f"{schedule} we 3 models" + (f" γ={gamma}" if gamma else ""), schedule, "we",
