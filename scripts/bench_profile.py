@@ -29,7 +29,7 @@ PARTS = [  # (label, substring of "file:function" to match in cumulative stats)
     ("sample_tokens", "gpu_model_runner.py:sample_tokens"),
     ("CoS samplers (plain + rejection)", "samplers.py:__call__"),
     ("draft proposer propose", "proposer.py:propose"),
-    ("draft group forwards (in propose)", "member_stack.py:forward"),
+    ("draft group forwards (in propose)", "proposer.py:_forward"),
     ("draft group logits (in propose)", "member_stack.py:member_logits"),
     ("verify (math)", "verify.py:verify"),
     ("LlamaForCausalLM/LlamaModel forwards (nested)", "llama.py:forward"),
@@ -52,8 +52,8 @@ def _cumulative(stats, key: str) -> tuple[int, float]:
 
 
 def _cumulative_from(stats, key: str, caller_file: str) -> float:
-    """Cumulative seconds of ``file:function`` in calls made from functions of ``caller_file``
-    (the draft group's forwards run by the proposer, not those inside a fused served forward)."""
+    """Cumulative seconds of ``file:function`` in calls made directly from functions of
+    ``caller_file`` (the proposer's own calls, not those inside a fused served forward)."""
     file_part, func = key.split(":")
     return sum(edge[3] for (file, _, f), (*_, callers) in stats.stats.items()
                if f == func and file.endswith(file_part)
@@ -78,6 +78,11 @@ TIMED = [("vllm.v1.core.sched.scheduler", "Scheduler", "schedule"),
          ("vllm.model_executor.models.llama", "LlamaForCausalLM", "compute_logits")]
 
 
+PROPOSE = "GPUModelRunner.propose_draft_token_ids"
+IN_PROPOSE = ("CoSMemberStack.forward", "CoSMemberStack.member_logits")  # the draft group's model compute
+IN_PROPOSE_SUFFIX = " (in propose)"
+
+
 def _per_model(label: str, args: tuple) -> str:
     """LlamaModel.forward per model (by its layer count and width): the served model's forward and
     a collaborator's are told apart."""
@@ -93,7 +98,7 @@ def _install_timers() -> dict:
     import functools
     import importlib
 
-    totals = {}
+    totals, inside = {}, []  # inside: the labels of the timed calls now running (outermost first)
     for module_name, class_name, attr in TIMED:
         owner = importlib.import_module(module_name)
         owner = getattr(owner, class_name) if class_name else owner
@@ -103,12 +108,18 @@ def _install_timers() -> dict:
 
         def timed(*a, _stock=stock, _label=label, **kw):
             start = time.perf_counter()
+            inside.append(_label)
             try:
                 return _stock(*a, **kw)
             finally:
-                total = totals.setdefault(_per_model(_label, a), [0, 0.0])
+                inside.pop()
+                elapsed = time.perf_counter() - start
+                name = _per_model(_label, a)
+                if PROPOSE in inside and _label in IN_PROPOSE:
+                    name += IN_PROPOSE_SUFFIX
+                total = totals.setdefault(name, [0, 0.0])
                 total[0] += 1
-                total[1] += time.perf_counter() - start
+                total[1] += elapsed
 
         setattr(owner, attr, functools.wraps(stock)(timed))
     return totals
@@ -123,6 +134,12 @@ def _run_timed(llm, args, prompts) -> None:
     for label, (calls, seconds) in totals.items():
         if calls:
             print(f"  {label:45s} {calls:6d} calls {1000 * seconds / steps:8.3f} ms/step")
+    if args.schedule in ("naive", "alternate"):
+        seconds = {label: total[1] for label, total in totals.items()}
+        outside = (seconds["GPUModelRunner._sample"] + seconds.get(PROPOSE, 0.0)
+                   - sum(seconds.get(label + IN_PROPOSE_SUFFIX, 0.0) for label in IN_PROPOSE))
+        print(f"CoS work outside model forwards (_sample + propose_draft_token_ids - the group's forwards and "
+              f"logits in it): {1000 * outside / steps:.3f} ms/step = {100 * outside / wall:.1f}% of the step")
 
 
 def _cos_spec(models, rule, schedule, gamma: str, three: bool = False) -> dict:
@@ -219,7 +236,7 @@ def main(argv=None):
     if args.schedule in ("naive", "alternate"):
         _, runner_propose = _cumulative(stats, "fusion.py:propose_draft_token_ids")  # the hooked runner method
         overhead = (cums["samplers.py:__call__"] + runner_propose
-                    - _cumulative_from(stats, "member_stack.py:forward", "proposer.py")
+                    - cums["proposer.py:_forward"]  # the group's forwards (module calls: no direct caller)
                     - _cumulative_from(stats, "member_stack.py:member_logits", "proposer.py"))
         print(f"CoS overhead (samplers + the runner's propose_draft_token_ids, hooked, without the proposer's group "
               f"forwards and logits): "

@@ -30,6 +30,9 @@ def _sampling(**controls):
                   no_penalties=True, bad_words_token_ids=None, allowed_token_ids_mask=None,
                   logitsprocs=None, thinking_budget_state_holder=None, output_token_ids=[], spec_token_ids=None)
     fields.update(controls)
+    temperature = fields["temperature"]  # vLLM's batch flags, as its input batch sets them
+    fields.setdefault("all_greedy", temperature is None or bool((temperature <= 0).all()))
+    fields.setdefault("all_random", temperature is not None and bool((temperature > 0).all()))
     return SimpleNamespace(**fields)
 
 

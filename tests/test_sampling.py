@@ -11,6 +11,22 @@ def test_temperature_and_greedy():
     assert probs[1].tolist() == [0.0, 1.0, 0.0, 0.0]
 
 
+def test_the_batch_flags_give_the_same_distributions():
+    # all_greedy True (vLLM's all_greedy) skips softmax and masks; False (all_random) skips the
+    # greedy check; both must equal the checked result on the batches they describe
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    logits[2, 7] = float("-inf")
+    top_k, top_p, min_p = torch.tensor([0, 3, 0, 5, 0, 0]), torch.tensor([1.0, 1.0, 0.8, 1.0, 0.5, 1.0]), \
+        torch.tensor([0.0, 0.0, 0.0, 0.1, 0.0, 0.3])
+    zeros = torch.zeros(6)
+    assert torch.equal(apply_sampling_params(logits, zeros, top_k, top_p, min_p, all_greedy=True),
+                       apply_sampling_params(logits, zeros, top_k, top_p, min_p))
+    tempered = torch.tensor([0.5, 1.0, 1.5, 0.7, 1.0, 2.0])
+    assert torch.equal(apply_sampling_params(logits, tempered, top_k, top_p, min_p, all_greedy=False),
+                       apply_sampling_params(logits, tempered, top_k, top_p, min_p))
+
+
 def test_top_k_and_top_p():
     logits = torch.log(torch.tensor([[0.1, 0.4, 0.3, 0.2]] * 3))
     probs = apply_sampling_params(logits, torch.ones(3), top_k=torch.tensor([2, 0, 0]),

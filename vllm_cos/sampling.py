@@ -22,10 +22,14 @@ def apply_sampling_params(
     top_k: torch.Tensor | None = None,  # [num_tokens] int; <= 0 disables
     top_p: torch.Tensor | None = None,  # [num_tokens] float in (0, 1]; 1 disables
     min_p: torch.Tensor | None = None,  # [num_tokens] float in [0, 1]; 0 disables
+    all_greedy: bool | None = None,  # known for the batch: True every row, False none; None: look
 ) -> torch.Tensor:  # [num_tokens, vocab] float32 probabilities
     """Temperature, then min_p (on the tempered distribution), then top-k / top-p, as vLLM's
-    sampler orders them; greedy rows (temperature 0) are one-hot on the argmax."""
+    sampler orders them; greedy rows (temperature 0) are one-hot on the argmax (which no mask
+    moves: each keeps the best token)."""
     logits = logits.float()
+    if all_greedy:  # no softmax, no masks, no host check
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     greedy = temperature <= 0
     safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
     scaled = logits / safe_temperature.float().unsqueeze(-1)
@@ -36,7 +40,7 @@ def apply_sampling_params(
     if uses_top_k or uses_top_p:
         scaled = _mask_top_k_top_p(scaled, top_k if uses_top_k else None, top_p if uses_top_p else None)
     probs = torch.softmax(scaled, dim=-1)
-    if bool(greedy.any()):
+    if all_greedy is None and bool(greedy.any()):
         one_hot = torch.zeros_like(probs)
         one_hot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy.unsqueeze(-1), one_hot, probs)

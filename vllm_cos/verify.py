@@ -53,9 +53,11 @@ def verify(
     # Two uniforms per position and row (accept, sample); a seeded row draws 2 * (num_drafts + 1)
     # from its own generator (none when it emits nothing), whatever the rest of the batch does.
     uniforms = torch.rand(batch, max_drafts + 1, 2, dtype=torch.float64, device=device)
-    drafts_per_row, final_per_row = num_drafts.tolist(), has_final.tolist()
-    seeded = [b for b, g in enumerate(generators or []) if g is not None
-              and (drafts_per_row[b] > 0 or final_per_row[b])]
+    seeded = []
+    if generators and any(g is not None for g in generators):  # host lists only for seeded rows
+        drafts_per_row, final_per_row = num_drafts.tolist(), has_final.tolist()
+        seeded = [b for b, g in enumerate(generators) if g is not None
+                  and (drafts_per_row[b] > 0 or final_per_row[b])]
     if seeded:
         counts = [2 * (drafts_per_row[b] + 1) for b in seeded]
         for b, count, u in zip(seeded, counts, draw_uniforms(counts, [generators[b] for b in seeded], device)):

@@ -201,6 +201,8 @@ class RowSampling:
         self.top_k = None if sm.top_k is None else sm.top_k[:batch]
         self.top_p = None if sm.top_p is None else sm.top_p[:batch]
         self.min_p = min_p
+        # True: every row greedy, False: none (vLLM's flags for the batch), None: mixed
+        self.all_greedy = True if sm.all_greedy else False if sm.all_random else None
         gens = sm.generators or {}
         generators = [gens.get(i) for i in range(batch)]
         self.seeded = self.seeds = self.emitted = None
@@ -223,9 +225,10 @@ class RowSampling:
         def rows(t):
             return None if t is None or layout is None else t[layout.request]
         if layout is None:
-            return apply_sampling_params(logits, self.temperature, self.top_k, self.top_p, self.min_p)
+            return apply_sampling_params(logits, self.temperature, self.top_k, self.top_p, self.min_p,
+                                         self.all_greedy)
         return apply_sampling_params(logits, rows(self.temperature), rows(self.top_k), rows(self.top_p),
-                                     rows(self.min_p))
+                                     rows(self.min_p), self.all_greedy)
 
     def sample(self, probs: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """One token per request row of ``probs`` [B, V], the row of request i at output position
