@@ -29,7 +29,7 @@ def apply_sampling_params(
     moves: each keeps the best token)."""
     logits = logits.float()
     if all_greedy:  # no softmax, no masks, no host check
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        return _one_hot_argmax(logits)
     greedy = temperature <= 0
     safe_temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
     scaled = logits / safe_temperature.float().unsqueeze(-1)
@@ -41,10 +41,13 @@ def apply_sampling_params(
         scaled = _mask_top_k_top_p(scaled, top_k if uses_top_k else None, top_p if uses_top_p else None)
     probs = torch.softmax(scaled, dim=-1)
     if all_greedy is None and bool(greedy.any()):
-        one_hot = torch.zeros_like(probs)
-        one_hot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-        probs = torch.where(greedy.unsqueeze(-1), one_hot, probs)
+        probs = torch.where(greedy.unsqueeze(-1), _one_hot_argmax(logits), probs)
     return probs
+
+
+def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:  # [num_tokens, vocab] -> same, float32
+    """One-hot on each row's argmax (first index on ties): a greedy row's distribution."""
+    return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
 
 
 def _mask_min_p(
