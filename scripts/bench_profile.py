@@ -169,6 +169,8 @@ def main(argv=None):
     p.add_argument("--gamma", default="3", help="draft tokens of the small model per step, or 'auto'")
     p.add_argument("--drafts", type=int, default=None,
                    help="with --gamma auto: force every step to draft this many tokens (0 = verify only)")
+    p.add_argument("--scoring", choices=["lazy", "every_pass"], default=None,
+                   help="the CoS file's scoring (default: the file's default, lazy)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--top", type=int, default=25)
@@ -197,8 +199,10 @@ def main(argv=None):
                               spec={"method": "draft_model", "model": models["small"],
                                     "num_speculative_tokens": int(args.gamma)})
     else:
-        job = bench.EngineJob(args.schedule, args.schedule, args.rule, "", args.gamma, [args.temperature],
-                              spec=_cos_spec(models, rule, args.schedule, args.gamma, three))
+        spec = _cos_spec(models, rule, args.schedule, args.gamma, three)
+        if args.scoring is not None:
+            spec["scoring"] = args.scoring
+        job = bench.EngineJob(args.schedule, args.schedule, args.rule, "", args.gamma, [args.temperature], spec=spec)
     if args.drafts is not None:
         _force_draft_length(args.drafts)
     llm = bench.start_engine(job, models, settings)

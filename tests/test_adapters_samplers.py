@@ -140,3 +140,31 @@ def test_a_seeded_row_emits_r_s_races_whatever_was_drafted(tiny_models):
     assert outputs[0] == winners + [proposal]  # both accepted, then T's proposal at position 7
     assert outputs[1] == [winners[0], -1, -1]  # rejected at once: r's winner
     assert outputs[2] == [winners[0], winners[1], -1]
+
+
+def test_lazily_scored_drafts_are_emitted_as_drafted_and_left_to_the_proposer(tiny_models):
+    """Three models, plan [medium, small]: small's draft (draft 1) lacks medium's logits
+    (lazy scoring: medium skipped the pass over draft 0), so only draft 0 is checked here; draft 1
+    goes into the sampled tokens as drafted, T proposes after it, and both wait for the proposer."""
+    cfg = _config(tiny_models, 3)
+    core = CoSCore(cfg, VOCAB)
+    assert core.plan == [0, 1] and core.complete_drafts(2) == 1
+    gen = torch.Generator().manual_seed(5)
+    target_logits = torch.randn(3, VOCAB, generator=gen)
+    group_raw = torch.randn(1, 2, 2, VOCAB, generator=gen)  # [request, draft, member, vocab]
+    combiner = build_combiner(cfg.rule, cfg.model_names)
+    first = int(combiner(torch.cat([target_logits[:1], group_raw[0, 0]]).unsqueeze(1))[0].argmax())
+    anything = (first + 3) % VOCAB
+    core.stash = DraftStash(2, 2, 2, VOCAB)
+    core.stash.put(["r0"], torch.tensor([[first, anything]]), group_raw, complete=core.complete_drafts(2))
+    metadata = SimpleNamespace(num_draft_tokens=[2], max_spec_len=2, draft_token_ids=torch.tensor([first, anything]),
+                               target_logits_indices=torch.tensor([0, 1]), bonus_logits_indices=torch.tensor([2]))
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["r0"]))
+    out = CoSRejectionSampler(None, core, runner)(metadata, None, target_logits, _sampling())
+    assert out.sampled_token_ids.tolist() == [[first, anything, int(target_logits[2].argmax())]]
+    proposals = core.steps.current.proposals
+    assert proposals.slot.tolist() == [2] and proposals.pending.count.tolist() == [1]
+    assert torch.equal(proposals.pending.target_logits[0, 0], target_logits[1])
+    drafted_from = group_raw[0, 1, 1].argmax()  # small's own (greedy) q at draft 1
+    assert int(proposals.pending.proposal_probs[0, 0].argmax()) == int(drafted_from)
+    assert core.stats.drafts_proposed == 1 and core.stats.drafts_accepted == 1  # the rest: the proposer's

@@ -30,6 +30,8 @@ def test_valid_config_and_defaults(model_dirs):
     assert cfg.gammas == (1, 3)
     assert cfg.proposal == "tempered"
     assert cfg.served == "listed"  # vLLM refuses a served model the file does not list
+    assert cfg.scoring == "lazy"  # a draft-group member done drafting skips the step's later passes
+    assert load_config(base(model_dirs, scoring="every_pass")).scoring == "every_pass"
     assert load_config(cfg.to_dict()) == cfg
     assert load_config(base(model_dirs, served="join")).served == "join"
     with pytest.raises(Exception):
@@ -145,6 +147,7 @@ def _error(raw) -> ConfigError:
     (lambda r: r.update(proposer="zz"), "proposer", "not one of"),
     (lambda r: r.update(proposal="greedy"), "proposal", "must be one of"),
     (lambda r: r.update(served="always"), "served", "must be one of listed, join"),
+    (lambda r: r.update(scoring="eager"), "scoring", "must be one of lazy, every_pass"),
     (lambda r: r["models"][0].update(gamma=0), "models[0].gamma", "alternate"),
     (lambda r: (r.update(gamma=[1, 2, 3]), [m.pop("gamma", None) for m in r["models"]]), "gamma", "has 3 entries but models lists 2"),
     (lambda r: (r.update(gamma=[1, "2"]), [m.pop("gamma", None) for m in r["models"]]), "gamma[1]", "must be an integer"),

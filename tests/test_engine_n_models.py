@@ -7,9 +7,12 @@ each (the paper's 3-model setting) and ``naive`` (small drafts 3); for unequal w
 * greedy: 20 prompts one at a time and 16 of them as one batch are token-identical to the
   engine's ``standard`` and to :func:`vllm_cos.reference.generate` (transformers models);
 * sampling (alternate, equal weights, T = 1, 3,000 seeded requests): the first token (T's
-  bonus verified by the two-model draft group) follows r over the three models, and the
+  bonus verified by the two-model draft group) follows r over the three models, the
   second token given the most frequent first one (medium's draft, verified in the
-  rejection sampler against r) does too (chi-square);
+  rejection sampler against r) does too, and so does the third given the two before it
+  (small's draft, which medium scores lazily: verified by the proposer) (chi-square); the
+  first and third tokens of 3,000 unseeded requests too (min(1, r/q), not the seeded races);
+* lazy scoring is on by default: every CoS engine skips member passes (``member_passes_skipped``);
 * start-up logs the KV capacity shared by the three models and who drafts what;
 * the CoS counters add up: the CoS samplers emit every returned token, and at most a step's
   drafts more per request (the last step's overshoot past max_tokens, which vLLM cuts);
@@ -28,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 from engine_helpers import (CODE_PROMPTS, PROMPT_FOR_SAMPLING, OneEngine, assert_prompt_logprobs_are_log_r, greedy,
-                            greedy_identity, r_next, reference_log_r)
+                            greedy_identity, r_next, r_next_rows, reference_log_r)
 from stats import P_THRESHOLD, chi2_pvalue
 
 from vllm_cos.config import load_config
@@ -135,6 +138,8 @@ def test_greedy_identity_three_models(engines, tiny_models, prompts, weights, sc
         assert returned <= emitted <= returned + (len(single) + 16) * drafts_per_step
         drafts = after["drafts_proposed"] - before.get("drafts_proposed", 0)
         assert drafts > 0 and after["drafts_accepted"] <= after["drafts_proposed"]
+        # lazy scoring (the default): a member done drafting skipped the step's later passes
+        assert after["member_passes_skipped"] > before.get("member_passes_skipped", 0)
     cfg = load_config(cos_spec(tiny_models, weights, schedule))
     assert_prompt_logprobs_are_log_r(llm, [prompts[i] for i in (1, 6, 13)], lambda ids: reference_log_r(cfg, ids))
 
@@ -151,10 +156,11 @@ def test_first_two_tokens_follow_r(engines, tiny_models, tokenizer):
 
     llm = engines.get("equal", "alternate")
     prompt = tokenizer.encode(PROMPT_FOR_SAMPLING, add_special_tokens=False)
-    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=2, ignore_eos=True) for s in range(NUM_SAMPLES)]
+    params = [SamplingParams(temperature=1.0, seed=s, max_tokens=3, ignore_eos=True) for s in range(NUM_SAMPLES)]
     outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * NUM_SAMPLES, params, use_tqdm=False)
-    pairs = [tuple(o.outputs[0].token_ids) for o in outs]
-    assert all(len(p) == 2 for p in pairs)
+    triples = [tuple(o.outputs[0].token_ids) for o in outs]
+    assert all(len(t) == 3 for t in triples)
+    pairs = [t[:2] for t in triples]
 
     r_first = _r_next(tiny_models, "equal", prompt)
     first_counts = np.bincount([p[0] for p in pairs], minlength=len(r_first))
@@ -167,11 +173,46 @@ def test_first_two_tokens_follow_r(engines, tiny_models, tokenizer):
     r_second = _r_next(tiny_models, "equal", prompt + [mode])
     p_second = chi2_pvalue(np.bincount(seconds, minlength=len(r_second)), r_second)
     assert p_second > P_THRESHOLD, f"second token after {mode}: chi-square p = {p_second:.2e} ({len(seconds)} samples)"
+    p_third = _third_token_pvalue(tiny_models, prompt, triples)
+    assert p_third > P_THRESHOLD, f"third token given its two before: chi-square p = {p_third:.2e}"
     print(f"\n3-model WE alternate, T=1: first token p = {p_first:.3f} ({NUM_SAMPLES}); "
-          f"second token given {mode}: p = {p_second:.3f} ({len(seconds)})")
+          f"second token given {mode}: p = {p_second:.3f} ({len(seconds)}); third token p = {p_third:.3f}")
 
     again = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * 20, params[:20], use_tqdm=False)
-    assert [tuple(o.outputs[0].token_ids) for o in again] == pairs[:20]  # seeds are exact
+    assert [tuple(o.outputs[0].token_ids) for o in again] == triples[:20]  # seeds are exact
+
+
+def test_unseeded_lazily_scored_drafts_follow_r(engines, tiny_models, tokenizer):
+    """Unseeded requests go through min(1, r/q) (seeded ones race, :mod:`vllm_cos.coupling`):
+    the first token and the lazily scored third one follow r."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = engines.get("equal", "alternate")
+    prompt = tokenizer.encode(PROMPT_FOR_SAMPLING, add_special_tokens=False)
+    params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * NUM_SAMPLES, params, use_tqdm=False)
+    triples = [tuple(o.outputs[0].token_ids) for o in outs]
+    assert all(len(t) == 3 for t in triples)
+    r_first = _r_next(tiny_models, "equal", prompt)
+    p_first = chi2_pvalue(np.bincount([t[0] for t in triples], minlength=len(r_first)), r_first)
+    p_third = _third_token_pvalue(tiny_models, prompt, triples)
+    assert p_first > P_THRESHOLD and p_third > P_THRESHOLD, (p_first, p_third)
+    print(f"\n3-model WE alternate, T=1, unseeded: first token p = {p_first:.3f}; third p = {p_third:.3f}")
+
+
+def _third_token_pvalue(models, prompt: list[int], triples) -> float:
+    """The third token is small's draft, which medium scores lazily (in the next step's first
+    pass, verified by the proposer): summed over the samples, its counts must match
+    sum_i r(. | prompt + first two tokens of sample i) (chi-square on the summed expectation)."""
+    from vllm_cos.config import load_config
+
+    prefixes = sorted({t[:2] for t in triples})
+    rows = r_next_rows(load_config(cos_spec(models, "equal", "alternate")), [prompt + list(p) for p in prefixes])
+    where = {p: i for i, p in enumerate(prefixes)}
+    expected = rows[[where[t[:2]] for t in triples]].sum(dim=0).numpy()
+    observed = np.bincount([t[2] for t in triples], minlength=len(expected))
+    return chi2_pvalue(observed, expected)
 
 
 def test_startup_logs_the_kv_share_and_the_draft_plan(engines, startup_log):

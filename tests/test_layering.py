@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vllm_cos"
 CORE = ["combine", "sampling", "verify", "ledger", "schedule", "config", "rules", "cosd", "model_files",
-        "coupling", "overrides", "adaptive", "mixture", "reference", "drafter_losses", "drafter_blocks",
+        "coupling", "overrides", "adaptive", "lazy", "mixture", "reference", "drafter_losses", "drafter_blocks",
         "drafter_training"]
 ENGINE_SETUP = ["engine"]
 ABOVE_ADAPTERS = ("vllm_cos.offline", "vllm_cos.cli", "vllm_cos.bench", "vllm_cos.demo")
@@ -40,7 +40,7 @@ def test_adapters_do_not_import_the_layers_above_them():
         assert not bad, f"{path.relative_to(PACKAGE.parent)} imports {sorted(bad)}"
 
 
-def test_pure_step_and_stash_modules_import_no_vllm():
-    for name in ("step", "stash"):
+def test_pure_step_stash_and_chain_modules_import_no_vllm():
+    for name in ("step", "stash", "chain"):
         bad = {m for m in imported_modules(PACKAGE / "adapters" / f"{name}.py") if m.split(".")[0] == "vllm"}
         assert not bad, f"adapters/{name}.py imports {sorted(bad)}"

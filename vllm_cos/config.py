@@ -29,6 +29,8 @@ PROPOSALS = ("tempered", "raw")
 # served: what vLLM does when it serves a model the file does not list (refuse / add it).
 SERVED_POLICIES = ("listed", "join")
 DRAFT_LENGTHS = ("fixed", "auto")
+# scoring: a draft-group member that is done drafting skips the step's later passes (lazy) or not
+SCORINGS = ("lazy", "every_pass")
 AUTO_MAX_GAMMA = 4  # gamma: auto -- each drafter drafts up to this many tokens per step
 MAX_GAMMA = 32  # drafts per model and step (each step verifies them all in one forward)
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -81,6 +83,7 @@ class CoSConfig:
     proposal: str = "tempered"  # proposal q: the proposer's own p tempered like r, or raw
     served: str = "listed"  # vLLM: the served model must be listed (or "join": it is added)
     draft_length: str = "fixed"  # vLLM: "auto" = gammas are per-step maxima, each step picks its own
+    scoring: str = "lazy"  # vLLM: lazy = a group member scores the drafts after its own once (vllm_cos.lazy)
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -104,6 +107,7 @@ class CoSConfig:
             "proposal": self.proposal,
             "served": self.served,
             "draft_length": self.draft_length,
+            "scoring": self.scoring,
         }
 
 
@@ -161,7 +165,8 @@ def read_file_text(path: Path) -> str:
 
 def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
     _check_keys(raw, "<top level>", required={"models", "rule"},
-                optional={"target", "schedule", "proposer", "proposal", "gamma", "served", "draft_length"})
+                optional={"target", "schedule", "proposer", "proposal", "gamma", "served", "draft_length",
+                          "scoring"})
     models = _parse_models(raw["models"], base_dir)
     names = [m.name for m in models]
     target = raw.get("target", names[0])
@@ -181,6 +186,7 @@ def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
     schedule = _choice(raw.get("schedule", "alternate"), SCHEDULES, "schedule")
     proposal = _choice(raw.get("proposal", "tempered"), PROPOSALS, "proposal")
     served = _choice(raw.get("served", "listed"), SERVED_POLICIES, "served")
+    scoring = _choice(raw.get("scoring", "lazy"), SCORINGS, "scoring")
     rule = _parse_rule(raw["rule"], names, base_dir)
 
     proposer = raw.get("proposer")
@@ -197,7 +203,8 @@ def _parse(raw: Mapping[str, Any], base_dir: Path) -> CoSConfig:
                 raise ConfigError(f"models[{i}].gamma",
                                   f"schedule 'alternate' needs gamma >= 1 for every model, {m.name!r} has {m.gamma}")
     return CoSConfig(models=tuple(models), rule=rule, target=target, schedule=schedule,
-                     proposer=proposer, proposal=proposal, served=served, draft_length=draft_length)
+                     proposer=proposer, proposal=proposal, served=served, draft_length=draft_length,
+                     scoring=scoring)
 
 
 def _no_gamma_given(raw: Mapping[str, Any]) -> bool:

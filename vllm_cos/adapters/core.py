@@ -11,6 +11,7 @@ import torch
 from vllm_cos.adaptive import DraftLengthController
 from vllm_cos.combine import build_combiner
 from vllm_cos.engine import draft_plan
+from vllm_cos.lazy import complete_drafts, member_passes_saved, pass_members
 from vllm_cos.overrides import BatchOverrides
 from vllm_cos.adapters.fusion import FusedGroup
 from vllm_cos.adapters.prompt_logprobs import PromptScores
@@ -18,7 +19,7 @@ from vllm_cos.adapters.step import GrammarHandoff, StepChannel
 
 COUNTERS = ("steps", "draft_forwards", "drafts_proposed", "drafts_accepted", "draft_rejections",
             "served_proposed", "served_accepted", "tokens_emitted", "row_steps", "fused_steps",
-            "drafted_rows", "voided_rows")
+            "drafted_rows", "voided_rows", "member_passes_skipped")
 
 
 class CoSStats:
@@ -31,7 +32,8 @@ class CoSStats:
     tokens_emitted; row_steps: (request, step) pairs = verification rounds; fused_steps: steps whose
     group ran inside the served model's forward (:mod:`vllm_cos.adapters.fusion`); drafted_rows /
     voided_rows: rows that drafted, and of those the rows whose drafts were voided (drafted after
-    a proposal the group changed).
+    a proposal the group changed); member_passes_skipped: draft-group member forwards left out by
+    lazy scoring (:mod:`vllm_cos.lazy`).
     """
 
     def __init__(self, **initial: int):
@@ -75,6 +77,7 @@ class CoSCore:
         self.group_label = "+".join(cfg.models[i].name for i in self.group)
         self.combiner = build_combiner(cfg.rule, cfg.model_names)
         self.schedule = cfg.schedule
+        self.lazy = cfg.scoring == "lazy"
         self.proposal_mode = cfg.proposal
         self.steps = StepChannel()
         self.grammar = GrammarHandoff()
@@ -97,6 +100,18 @@ class CoSCore:
         for position, index in enumerate(self.group):
             members[index] = group_logits[position].float()
         return self.combiner(torch.stack(members), **(row_params or {}))
+
+    def pass_members(self, k: int) -> list[tuple[int, ...] | None]:
+        """For each single-token pass of a k-draft step, the group members it runs (None: all)."""
+        everyone = len(self.group)
+        return [None if len(m) == everyone else m for m in pass_members(self.plan, k, everyone, self.lazy)]
+
+    def complete_drafts(self, k: int) -> int:
+        """Leading drafts of a k-draft step that every member scores in the step (the rest: lazily)."""
+        return complete_drafts(self.plan, k, len(self.group), self.lazy)
+
+    def member_passes_saved(self, k: int) -> int:
+        return member_passes_saved(self.plan, k, len(self.group), self.lazy)
 
     def request_overrides(self, runner, req_ids, device):
         """The batch's per-request collaboration settings (None: no request sets any)."""

@@ -134,17 +134,24 @@ class CoSMemberStack(nn.Module):
         return self.cos_members[self.member_indices.index(self.primary)].embed_input_ids(input_ids)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
-                inputs_embeds=None, **kwargs) -> torch.Tensor:
+                inputs_embeds=None, cos_members: tuple[int, ...] | None = None, **kwargs) -> torch.Tensor:
+        """Every member's hidden states, concatenated; ``cos_members``: only these members run
+        (positions in the stack; the others' KV is not written and their hidden states are 0)."""
         if inputs_embeds is not None:
             raise NotImplementedError("cos: input embeddings are not supported")
-        hidden = [member(input_ids=input_ids, positions=positions) for member in self.cos_members]
+        hidden = [member(input_ids=input_ids, positions=positions) if cos_members is None or m in cos_members
+                  else None for m, member in enumerate(self.cos_members)]
+        ran = next(h for h in hidden if h is not None)
+        hidden = [ran.new_zeros(ran.shape[0], size) if h is None else h for h, size in zip(hidden, self.hidden_sizes)]
         return torch.cat(hidden, dim=-1)  # [num_tokens, sum(hidden sizes)]
 
-    def member_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def member_logits(self, hidden_states: torch.Tensor, members: tuple[int, ...] | None = None) -> torch.Tensor:
+        """[num_members, num_tokens, tokenizer_size]; ``members``: only these are computed (0 elsewhere)."""
         parts = hidden_states.split(self.hidden_sizes, dim=-1)
-        logits = [to_vocab(member.compute_logits(h), self.tokenizer_size)
-                  for member, h in zip(self.cos_members, parts)]
-        return torch.stack(logits)  # [num_members, num_tokens, tokenizer_size]
+        logits = [to_vocab(member.compute_logits(h), self.tokenizer_size) if members is None or m in members
+                  else None for m, (member, h) in enumerate(zip(self.cos_members, parts))]
+        ran = next(x for x in logits if x is not None)
+        return torch.stack([ran.new_zeros(ran.shape) if x is None else x for x in logits])
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         prefixes = {_OTHER_PREFIX.format(index=i): i for i in self.member_indices}

@@ -6,15 +6,19 @@ runner's bookkeeping.  Per step:
 1. consume the step's :class:`~vllm_cos.adapters.step.CoSStep` (the sampled-token tensor was
    attached by ``prepare_next_token_ids_padded``);
 2. the draft group's first pass over the verify window gives every member's logits at the
-   served model's proposal; r there gets the request's controls exactly as a draft position
-   does; ``alternate`` accepts the proposal with min(1, r/p) or replaces it from
-   norm(max(0, r - p)), ``naive`` draws that position from r.  The result is written into
-   the sampled-token tensor, so nothing unverified is emitted;
+   served model's proposal and at the drafts before it that a member scored lazily
+   (:mod:`vllm_cos.lazy`: the row's *pending chain*, :mod:`vllm_cos.adapters.chain`); r there
+   gets the request's controls exactly as a draft position does; the lazily scored drafts are
+   accepted with min(1, r/q), then ``alternate`` accepts the proposal with min(1, r/p) or
+   replaces it from norm(max(0, r - p)), ``naive`` draws that position from r.  The result is
+   written into the sampled-token tensor (-1 after a rejection), so nothing unverified is
+   emitted;
 3. if many rows' tokens changed (a quarter of the batch or more), one single-token pass
    re-feeds them; otherwise the changed rows draft from the proposal's context and their drafts
    are voided in the stash (never verified: exact, just not accepted), which saves a pass of the
    whole batch for a few rows.  Then the plan's members draft in turn, each from its proposal
-   q, and every member's logits go to the draft stash.  A step that drafts nothing draws the
+   q (under lazy scoring, a member whose drafting is over skips the later passes), and every
+   member's logits go to the draft stash.  A step that drafts nothing draws the
    verified position straight from r (no re-feed can follow, so T's proposal buys nothing).
 
 vLLM internals touched: ``DraftModelProposer`` / ``SpecDecodeBaseProposer`` (``load_model``,
@@ -37,6 +41,7 @@ import weakref
 
 import torch
 
+from vllm_cos.adapters.chain import PendingChain
 from vllm_cos.adapters.controls import RowLayout
 from vllm_cos.adapters.core import CoSCore
 from vllm_cos.adapters.prompt_logprobs import stash_group_scores
@@ -154,7 +159,7 @@ class CoSProposerMixin:
 
             log_kv_share(self.cos_core, kv_cache_config)
 
-    def _forward(self, common_attn_metadata, num_tokens: int, slot_mapping, first_pass: bool):
+    def _forward(self, common_attn_metadata, num_tokens: int, slot_mapping, first_pass: bool, members=None):
         from vllm.forward_context import set_forward_context
 
         _, per_layer = self.build_per_group_and_layer_attn_metadata(common_attn_metadata)
@@ -168,52 +173,68 @@ class CoSProposerMixin:
         with set_forward_context(per_layer, self.vllm_config, num_tokens=num_input_tokens,
                                  num_tokens_across_dp=across_dp, cudagraph_runtime_mode=mode,
                                  slot_mapping=self._get_slot_mapping(slot_size, slot_mapping)):
-            hidden = self.model(**kwargs)
+            hidden = self.model(**kwargs) if members is None else self.model(**kwargs, cos_members=members)
         if isinstance(hidden, tuple):
             hidden = hidden[0]
         self.cos_core.stats.add("draft_forwards", 1)
         return hidden
 
-    def _single_token_pass(self, cad, token_ids, current_positions, batch):
-        """One token per row at ``current_positions + 1`` (KV written, hidden returned)."""
+    def _single_token_pass(self, cad, token_ids, current_positions, batch, members=None):
+        """One token per row at ``current_positions + 1`` (KV written, hidden returned);
+        ``members``: only these draft-group members run (None: all)."""
         self.input_ids[:batch] = token_ids.to(self.input_ids.dtype)
         positions = self._update_positions_dependent_metadata(
             current_positions, cad, batch, batch, self.block_size)
-        hidden = self._forward(cad, batch, None, first_pass=False)[:batch]
+        hidden = self._forward(cad, batch, None, first_pass=False, members=members)[:batch]
         return hidden, positions
 
-    def _verify_proposals(self, step, group_logits, next_token_ids, batch, direct: bool = False):
-        """r at each served proposal; returns the next tokens [B] (accepted or replaced; drawn
-        from r itself under ``naive`` or when ``direct``)."""
-        core, pending, sampling = self.cos_core, step.proposals, step.sampling
-        live = pending.rows[:batch]
+    def _verify_proposals(self, step, hidden, token_indices, next_token_ids, batch, direct: bool = False):
+        """r at each row's pending tokens (lazily scored drafts, then the served proposal), from
+        the first pass's ``hidden``; writes the verified tokens into the sampled-token tensor.
+        Returns (the row's last token [B], slots dropped after it [B]); under ``naive`` or when
+        ``direct`` the proposal's position is drawn from r itself."""
+        core, sampling = self.cos_core, step.sampling
+        chain = PendingChain.of(step.proposals, batch)
+        live = step.proposals.rows[:batch]
         if step.discard is not None:
             live = live & ~step.discard[:batch].bool()
-        tokens = next_token_ids[:batch].long()
-        layout = RowLayout.at(pending.slot)
-        log_r = core.combine(pending.target_logits, group_logits, step.controls.rule_params(layout))
-        r = sampling.probs(step.controls.apply(log_r, layout, pending.grammar))
-        if core.schedule == "naive" or direct:
-            new = sampling.sample(r, pending.slot)
-        else:
-            out = verify(tokens.unsqueeze(1), torch.ones_like(tokens), pending.proposal_probs.unsqueeze(1),
-                         torch.stack([r, torch.zeros_like(r)], dim=1), torch.zeros_like(tokens, dtype=torch.bool))
-            new = out.token_ids[:, 0]
-            if sampling.seeded is not None:  # r's own race at the proposal's position (vllm_cos.coupling)
-                new = torch.where(sampling.seeded, sampling.sample(r, pending.slot), new)
-            core.stats.add("served_proposed", live.sum())
-            core.stats.add("served_accepted", (live & (new == tokens)).sum())
-        new = torch.where(live, new, tokens)
+        rows = torch.arange(batch, device=live.device)
+        slots = chain.slots()  # [B, L]
+        tokens = step.sampled[rows.unsqueeze(1), slots].long()  # [B, L]
+        at = token_indices.unsqueeze(1) - chain.count.unsqueeze(1) - 1 + chain.offset  # inputs before them
+        group_logits = self.model.member_logits(hidden[at.view(-1)])  # [M, B*L, V]
+        layout = RowLayout(rows.repeat_interleave(chain.width), slots.reshape(-1))
+        log_r = core.combine(chain.target_logits.reshape(-1, core.tokenizer_size), group_logits,
+                             step.controls.rule_params(layout))
+        r = sampling.probs(step.controls.apply(log_r, layout, chain.grammar_rows()), layout)
+        out = chain.verify(r.view(batch, chain.width, -1), tokens, live, sampling, layout,
+                           final=core.schedule == "naive" or direct)
+        self._count_chain(chain, out, live, final=core.schedule == "naive" or direct)
+        new = torch.where(live.unsqueeze(1), out.token_ids, tokens)  # [B, L]
         if step.logprobs is not None:
-            self._fill_logprobs(step.logprobs, pending.slot, live, log_r, r, new)
-        rows = torch.arange(batch, device=new.device)
-        column = step.sampled[rows, pending.slot]
-        step.sampled[rows, pending.slot] = torch.where(live, new.to(column.dtype), column)
-        return new
+            self._fill_logprobs(step.logprobs, layout, live.repeat_interleave(chain.width), log_r, r,
+                                new.reshape(-1))
+        step.sampled[rows.unsqueeze(1), slots] = new.to(step.sampled.dtype)
+        last = torch.where(live, new[rows, (out.num_emitted - 1).clamp(min=0)], next_token_ids[:batch].long())
+        return last, torch.where(live, chain.count + 1 - out.num_emitted, 0)
 
-    def _fill_logprobs(self, target, slot, live, log_r, r, tokens):
+    def _count_chain(self, chain, out, live, final: bool) -> None:
+        stats, count = self.cos_core.stats, torch.where(live, chain.count, 0)
+        drafts_accepted = torch.minimum(out.num_accepted, count)
+        if chain.pending:
+            stats.add("drafts_proposed", count.sum())
+            stats.add("drafts_accepted", drafts_accepted.sum())
+            stats.add("draft_rejections", (drafts_accepted < count).sum())
+        stats.add("tokens_emitted", -(torch.where(live, chain.count + 1 - out.num_emitted, 0).sum()))
+        if not final:
+            reached = live & (drafts_accepted == count)
+            stats.add("served_proposed", reached.sum())
+            stats.add("served_accepted", (reached & (out.num_accepted > count)).sum())
+
+    def _fill_logprobs(self, target, layout, live, log_r, r, tokens):
+        """r's logprobs at the rows ``layout`` (flat) where ``live``, into the step's tensors."""
         fresh = self.cos_core.logprob_rows(log_r, r, tokens, target.num_logprobs)
-        index = torch.arange(slot.shape[0], device=slot.device) * target.width + slot
+        index = layout.request * target.width + layout.position
         t = target.tensors
         for name in ("logprob_token_ids", "logprobs", "selected_token_ranks"):
             old, new = getattr(t, name)[index], getattr(fresh, name)
@@ -221,18 +242,21 @@ class CoSProposerMixin:
             getattr(t, name)[index] = torch.where(keep, new.to(old.dtype), old)
 
     def _draft(self, cad, last_hidden, positions, sampling, gamma, batch, first_offset):
-        """The plan's gamma drafts [B, gamma] and every member's logits [B, gamma, M, V]; draft j
-        of request i is its output position emitted + ``first_offset[i]`` + j."""
+        """The plan's gamma drafts [B, gamma] and every member's logits [B, gamma, M, V] (0 for a
+        member lazy scoring left out there); draft j of request i is its output position
+        emitted + ``first_offset[i]`` + j."""
         core = self.cos_core
         draft_ids, member_logits = [], []
+        members = [None] + core.pass_members(gamma)  # who ran the pass giving each position
         for j in range(gamma):
-            group_logits = self.model.member_logits(last_hidden)  # [M, B, V]
+            group_logits = self.model.member_logits(last_hidden, members[j])  # [M, B, V]
             q = core.proposal_probs(group_logits[core.plan[j]], sampling)
             token = sampling.sample(q, first_offset + j)
             draft_ids.append(token)
             member_logits.append(group_logits)
             if j + 1 < gamma:
-                last_hidden, positions = self._single_token_pass(cad, token, positions, batch)
+                last_hidden, positions = self._single_token_pass(cad, token, positions, batch, members[j + 1])
+        core.stats.add("member_passes_skipped", core.member_passes_saved(gamma))
         return torch.stack(draft_ids, dim=1), torch.stack(member_logits, dim=0).permute(2, 0, 1, 3)
 
     def propose(self, num_speculative_tokens, target_token_ids, target_positions, target_hidden_states,
@@ -271,12 +295,11 @@ class CoSProposerMixin:
         hidden = self._forward(cad, num_tokens, cad.slot_mapping, first_pass=True)
         stash_group_scores(core, self.cos_runner, common_attn_metadata, cad, hidden, self.model.member_logits)
         token_indices = token_indices[:batch].long()
-        group_logits = self.model.member_logits(hidden[token_indices - 1])  # [M, B, V] at the proposals
         gamma = self._draft_length(batch, num_speculative_tokens, query_len)
-        tokens = self._verify_proposals(step, group_logits, next_token_ids, batch, direct=gamma == 0)
+        tokens, back = self._verify_proposals(step, hidden, token_indices, next_token_ids, batch, direct=gamma == 0)
         self._uncount_discarded(step, batch)
         drafts = self._draft_after(cad, hidden[token_indices], token_indices, tokens, next_token_ids, step,
-                                   batch, gamma, num_rejected_tokens_gpu)
+                                   batch, gamma, num_rejected_tokens_gpu, back)
         return self._published(drafts)
 
     def cos_close_fused_step(self, sampled_token_ids, discard_mask, common_attn_metadata, max_drafts: int):
@@ -341,10 +364,11 @@ class CoSProposerMixin:
         return k
 
     def _draft_after(self, cad, last_hidden, token_indices, tokens, next_token_ids, step, batch, gamma,
-                     num_rejected_tokens_gpu):
+                     num_rejected_tokens_gpu, back=None):
         """From the verified tokens on: one token per row, the plan's drafts, the stash.
         ``last_hidden`` [B, H]: the first pass's hidden states at the proposals; None after a
-        fused step (no first pass ran: every row is re-fed)."""
+        fused step (no first pass ran: every row is re-fed); ``back`` [B]: slots the verification
+        dropped after each row's last token (a lazily scored draft rejected), or None."""
         positions = self.positions[token_indices].clone()
         cad.num_actual_tokens = batch
         cad.max_query_len = 1
@@ -355,14 +379,15 @@ class CoSProposerMixin:
         if gamma == 0:
             return torch.empty(batch, 0, dtype=torch.int64, device=tokens.device)
         void, num_changed = None, 0
+        back = torch.zeros_like(tokens) if back is None else back
         if last_hidden is not None:
-            changed = tokens != next_token_ids[:batch].long()  # [B]
+            changed = (tokens != next_token_ids[:batch].long()) | (back > 0)  # [B]
             num_changed = int(changed.sum())  # one host sync per step
         if last_hidden is None or (num_changed and num_changed * REFEED_SHARE >= batch):
-            # Re-feed the verified token at the same position (overwrites the proposal's KV).
-            cad.seq_lens -= 1
+            # Re-feed the verified token at its position (overwrites the proposal's KV there).
+            cad.seq_lens -= back + 1
             cad.max_seq_len = max(cad.max_seq_len - 1, 1)
-            last_hidden, positions = self._single_token_pass(cad, tokens, positions - 1, batch)
+            last_hidden, positions = self._single_token_pass(cad, tokens, positions - back - 1, batch)
         elif num_changed:
             # Drafted after the proposal, not the verified token: their stashed logits are not
             # r's inputs there, so they are never verified (the next step's first pass rewrites
@@ -371,8 +396,8 @@ class CoSProposerMixin:
             self.cos_core.stats.add("voided_rows", num_changed)
         self.cos_core.stats.add("drafted_rows", batch)
         drafts, member_logits = self._draft(cad, last_hidden, positions, step.sampling, gamma, batch,
-                                            step.proposals.slot[:batch] + 1)
-        self.cos_core.stash.put(step.req_ids, drafts, member_logits, void)
+                                            step.proposals.slot[:batch] - back + 1)
+        self.cos_core.stash.put(step.req_ids, drafts, member_logits, void, self.cos_core.complete_drafts(gamma))
         return drafts
 
 

@@ -9,6 +9,9 @@ Terms, per request (row), T = the served model, G = the draft group:
   :class:`~vllm_cos.adapters.controls.RowSampling`), q_j the drafter's distribution;
 * **recovered** token: at the first rejection, a draw from norm(max(0, r_j - q_j)); the row
   then ends;
+* **pending** drafts: drafts after the first one that some member scored lazily
+  (:mod:`vllm_cos.lazy`) are not checked here; where every checked draft was accepted they are
+  written as drafted and verified by the proposer after its first pass, before T's proposal;
 * **served proposal**: when every usable draft is accepted, T proposes the next token from
   its own controlled distribution.  It is written in the next column of the sampled-token
   tensor but is *not* an output yet: the proposer verifies it against r in the same step
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_cos.adapters.controls import Controls, RowLayout, RowSampling
-from vllm_cos.adapters.step import ServedProposals, StepInvariantError
+from vllm_cos.adapters.step import PendingDrafts, ServedProposals, StepInvariantError
 from vllm_cos.coupling import coupled_verify
 from vllm_cos.verify import verify
 
@@ -164,6 +167,39 @@ def _count_step(stats, batch: int, usable, accepted, rejected, token_ids) -> Non
         stats.add(name, value)
 
 
+def _stashed_drafts(core, req_ids, batch: int, k: int, scheduled, controls, device):
+    """The group's stash for this step: (usable [B] = leading drafts vLLM kept as the group
+    proposed them, checked [B] = those of them every member scored (the rest wait for the
+    proposer: vllm_cos.lazy), member logits [B, K, M, V])."""
+    padded_ids = req_ids + (None,) * (batch - len(req_ids))
+    complete = core.stash.complete(padded_ids).to(device)
+    stashed, member_logits = core.stash.take(padded_ids, k)
+    stashed, member_logits = stashed.to(device), member_logits.to(device)
+    usable = (stashed == scheduled).long().cumprod(dim=1).sum(dim=1)  # [B]
+    if controls.overrides is not None and controls.overrides.no_speculation is not None:
+        usable = torch.where(controls.overrides.no_speculation, 0, usable)  # cos_speculate: 0
+    return usable, torch.minimum(usable, complete), member_logits
+
+
+def _pending_drafts(core, k: int, token_ids, scheduled, accepted, usable, rejected, target_rows, grammar_rows, q):
+    """The drafts after the checked ones, where every checked draft was accepted: written into
+    ``token_ids`` [B, K+1] as they are and returned as :class:`PendingDrafts` for the proposer to
+    verify after its first pass (None when the step has none: every member scored every draft)."""
+    width = k - core.complete_drafts(k)  # the most a row can have (a stash of more drafts checks more)
+    if width <= 0:
+        return None
+    batch, device = token_ids.shape[0], token_ids.device
+    count = torch.where(rejected, 0, (usable - accepted).clamp(min=0, max=width))  # [B]
+    column = torch.arange(k + 1, device=device)
+    tentative = (column >= accepted.unsqueeze(1)) & (column < (accepted + count).unsqueeze(1))  # [B, K+1]
+    token_ids.copy_(torch.where(tentative, torch.cat([scheduled, scheduled[:, :1]], dim=1), token_ids))
+    cols = (accepted.unsqueeze(1) + torch.arange(width, device=device)).clamp(max=k - 1)  # [B, P]
+    rows = torch.arange(batch, device=device).unsqueeze(1)
+    grammar = None if grammar_rows is None else grammar_rows[rows, cols]
+    return PendingDrafts(count=count, target_logits=target_rows[rows, cols], proposal_probs=q[rows, cols],
+                         grammar=grammar)
+
+
 class CoSRejectionSampler(_CoSSamplerBase):
     """``runner.rejection_sampler``: the group's drafts against r, then T's proposal."""
 
@@ -183,13 +219,9 @@ class CoSRejectionSampler(_CoSSamplerBase):
         target_rows = core.crop(logits[row_index.view(-1)]).view(batch, k + 1, vocab)
         grammar_rows = None if grammar is None else core.crop(grammar[row_index.view(-1)]).view(batch, k + 1, vocab)
 
-        # The group's stash: usable = leading drafts vLLM kept as the group proposed them.
-        stashed, member_logits = core.stash.take(req_ids + (None,) * (batch - len(req_ids)), k)
-        stashed, member_logits = stashed.to(device), member_logits.to(device)
-        usable = (stashed == scheduled).long().cumprod(dim=1).sum(dim=1)  # [B]
+        usable, checked, member_logits = _stashed_drafts(core, req_ids, batch, k, scheduled, controls, device)
         rows = torch.arange(batch, device=device)
-        if controls.overrides is not None and controls.overrides.no_speculation is not None:
-            usable = torch.where(controls.overrides.no_speculation, 0, usable)  # cos_speculate: 0
+        q = log_r = r = None
         if k > 0:
             layout = RowLayout.grid(batch, k, device)
             log_r = core.combine(target_rows[:, :k].reshape(-1, vocab),
@@ -198,29 +230,31 @@ class CoSRejectionSampler(_CoSSamplerBase):
             grammar_k = None if grammar_rows is None else grammar_rows[:, :k].reshape(-1, vocab)
             r = sampling.probs(controls.apply(log_r, layout, grammar_k), layout).view(batch, k, vocab)
             drafts = torch.where(torch.arange(k, device=device) < usable.unsqueeze(1), scheduled, 0)
-            out = verify(drafts, usable, core.draft_proposals(member_logits, sampling),
-                         torch.cat([r, r.new_zeros(batch, 1, vocab)], dim=1),
+            q = core.draft_proposals(member_logits, sampling)
+            out = verify(drafts, checked, q, torch.cat([r, r.new_zeros(batch, 1, vocab)], dim=1),
                          torch.zeros(batch, dtype=torch.bool, device=device))
             token_ids, accepted, rejected = out.token_ids, out.num_accepted, out.rejected
             if sampling.seeded is not None:  # seeded rows: position-keyed races (vllm_cos.coupling)
-                token_ids, accepted, rejected = _coupled_rows(sampling, layout, drafts, usable, r, token_ids,
+                token_ids, accepted, rejected = _coupled_rows(sampling, layout, drafts, checked, r, token_ids,
                                                               accepted, rejected)
         else:
-            log_r = r = None
             token_ids = torch.full((batch, 1), -1, dtype=torch.long, device=device)
             accepted = torch.zeros(batch, dtype=torch.long, device=device)
             rejected = torch.zeros(batch, dtype=torch.bool, device=device)
+        pending = _pending_drafts(core, k, token_ids, scheduled, accepted, usable, rejected, target_rows,
+                                  grammar_rows, q)
 
-        # T's proposal where every usable draft was accepted.
-        proposal_logits = target_rows[rows, accepted]  # [B, V]
-        proposal_grammar = None if grammar_rows is None else grammar_rows[rows, accepted]
-        token, proposal = self._propose(proposal_logits, accepted, proposal_grammar, controls, sampling)
-        token_ids[rows, accepted] = torch.where(rejected, token_ids[rows, accepted], token)
+        # T's proposal where every usable draft was accepted (after the pending ones, if any).
+        slot = accepted if pending is None else accepted + pending.count
+        proposal_logits = target_rows[rows, slot]  # [B, V]
+        proposal_grammar = None if grammar_rows is None else grammar_rows[rows, slot]
+        token, proposal = self._propose(proposal_logits, slot, proposal_grammar, controls, sampling)
+        token_ids[rows, slot] = torch.where(rejected, token_ids[rows, slot], token)
         logprobs = self._logprobs(sampling_metadata, token_ids, log_r, r, proposal_logits, proposal)
-        proposals = ServedProposals(rows=~rejected, slot=accepted, target_logits=proposal_logits,
-                                    proposal_probs=proposal, grammar=proposal_grammar)
+        proposals = ServedProposals(rows=~rejected, slot=slot, target_logits=proposal_logits,
+                                    proposal_probs=proposal, grammar=proposal_grammar, pending=pending)
         core.steps.open(req_ids, proposals, controls, sampling, logprobs)
-        _count_step(core.stats, batch, usable, accepted, rejected, token_ids)
+        _count_step(core.stats, batch, checked, accepted, rejected, token_ids)
         return _sampler_output(token_ids, logprobs)
 
     def _logprobs(self, sampling_metadata, token_ids, log_r, r, proposal_logits, proposal):

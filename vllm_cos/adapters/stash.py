@@ -24,6 +24,7 @@ class DraftStash:
         self.token_ids = torch.full((max_requests, max(max_drafts, 1)), NO_DRAFT, dtype=torch.long, device=device)
         self.member_logits = torch.zeros(max_requests, max(max_drafts, 1), num_members, vocab,
                                          dtype=dtype, device=device)  # [S, K, M, V]
+        self.complete_counts = torch.zeros(max_requests, dtype=torch.long, device=device)  # [S]
         self.slots: dict[str, int] = {}
         self._free = list(range(max_requests - 1, -1, -1))
 
@@ -49,9 +50,11 @@ class DraftStash:
         return out
 
     def put(self, req_ids, drafts: torch.Tensor, member_logits: torch.Tensor,
-            void: torch.Tensor | None = None) -> None:
+            void: torch.Tensor | None = None, complete: int | None = None) -> None:
         """drafts [B, K] int64, member_logits [B, K, M, V] of the B requests ``req_ids``;
-        ``void`` [B] bool: rows whose drafts must not be verified (stored as NO_DRAFT)."""
+        ``void`` [B] bool: rows whose drafts must not be verified (stored as NO_DRAFT);
+        ``complete``: how many leading drafts have every member's logits (None: all K; the
+        rest were scored lazily, :mod:`vllm_cos.lazy`)."""
         slots = torch.tensor(self._slots(req_ids, create=True), dtype=torch.long, device=self.token_ids.device)
         k = drafts.shape[1]
         drafts = drafts.to(self.token_ids.device)
@@ -60,6 +63,7 @@ class DraftStash:
         self.token_ids[slots] = NO_DRAFT
         self.token_ids[slots, :k] = drafts
         self.member_logits[slots, :k] = member_logits.to(self.member_logits.dtype)
+        self.complete_counts[slots] = k if complete is None else complete
 
     def take(self, req_ids, max_drafts: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(token ids [B, K] with NO_DRAFT where none, member logits [B, K, M, V]); read once."""
@@ -76,6 +80,11 @@ class DraftStash:
             logits = torch.cat([logits, logits.new_zeros(logits.shape[0], pad, *logits.shape[2:])], dim=1)
         self.token_ids[slots[slots >= 0]] = NO_DRAFT
         return ids, logits
+
+    def complete(self, req_ids) -> torch.Tensor:
+        """[B] int64: each request's leading stashed drafts with every member's logits (0: none)."""
+        slots = torch.tensor(self._slots(req_ids, create=False), dtype=torch.long, device=self.token_ids.device)
+        return torch.where(slots >= 0, self.complete_counts[slots.clamp(min=0)], 0)
 
     def free(self, req_ids) -> None:
         for req_id in req_ids:

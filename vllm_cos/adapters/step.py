@@ -34,14 +34,27 @@ class StepInvariantError(RuntimeError):
 
 
 @dataclass
+class PendingDrafts:
+    """The group's drafts some member scored lazily (:mod:`vllm_cos.lazy`): written into
+    sampled_token_ids before the served proposal, verified with it after the group's first pass.
+    Column j of row i is slot ``slot[i] - count[i] + j`` (j < count[i]; P columns in all)."""
+
+    count: torch.Tensor  # [B] int64, drafts pending before the row's proposal (0: none)
+    target_logits: torch.Tensor  # [B, P, V] T's raw logits at those slots
+    proposal_probs: torch.Tensor  # [B, P, V] the q each was drafted from
+    grammar: torch.Tensor | None  # [B, P, V] additive structured-output mask there, or None
+
+
+@dataclass
 class ServedProposals:
     """The served model's unverified proposals of one step, at most one per row (B rows)."""
 
     rows: torch.Tensor  # [B] bool, the row ends in a proposal the group must verify
-    slot: torch.Tensor  # [B] int64, its column in sampled_token_ids (= drafts accepted before it)
+    slot: torch.Tensor  # [B] int64, its column in sampled_token_ids (= drafts before it)
     target_logits: torch.Tensor  # [B, V] T's raw logits at that position
     proposal_probs: torch.Tensor  # [B, V] the distribution it was sampled from
     grammar: torch.Tensor | None  # [B, V] additive structured-output mask there, or None
+    pending: PendingDrafts | None = None  # lazily scored drafts before the proposal, or None
 
 
 @dataclass
