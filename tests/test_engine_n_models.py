@@ -182,13 +182,20 @@ def test_first_two_tokens_follow_r(engines, tiny_models, tokenizer):
     assert [tuple(o.outputs[0].token_ids) for o in again] == triples[:20]  # seeds are exact
 
 
-def test_unseeded_lazily_scored_drafts_follow_r(engines, tiny_models, tokenizer):
+@pytest.mark.parametrize("share", [0, 10 ** 6], ids=["void", "refeed"])
+def test_unseeded_lazily_scored_drafts_follow_r(engines, tiny_models, tokenizer, prompts, monkeypatch, share):
     """Unseeded requests go through min(1, r/q) (seeded ones race, :mod:`vllm_cos.coupling`):
-    the first token and the lazily scored third one follow r."""
+    the first token and the lazily scored third one follow r, with the rows whose pending
+    chain broke (a lazily scored draft or the proposal replaced) all voided or all re-fed at
+    the replaced token's own position (``REFEED_SHARE``); greedy stays identical to standard."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from vllm_cos.adapters import proposer
+
+    monkeypatch.setattr(proposer, "REFEED_SHARE", share)
     llm = engines.get("equal", "alternate")
+    greedy_identity(llm, prompts, MAX_TOKENS, _reference(tiny_models, "equal", prompts), f"alternate share={share}")
     prompt = tokenizer.encode(PROMPT_FOR_SAMPLING, add_special_tokens=False)
     params = SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True)
     outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * NUM_SAMPLES, params, use_tqdm=False)
@@ -198,7 +205,8 @@ def test_unseeded_lazily_scored_drafts_follow_r(engines, tiny_models, tokenizer)
     p_first = chi2_pvalue(np.bincount([t[0] for t in triples], minlength=len(r_first)), r_first)
     p_third = _third_token_pvalue(tiny_models, prompt, triples)
     assert p_first > P_THRESHOLD and p_third > P_THRESHOLD, (p_first, p_third)
-    print(f"\n3-model WE alternate, T=1, unseeded: first token p = {p_first:.3f}; third p = {p_third:.3f}")
+    print(f"\n3-model WE alternate, T=1, unseeded, share={share}: first token p = {p_first:.3f}; "
+          f"third p = {p_third:.3f}")
 
 
 def _third_token_pvalue(models, prompt: list[int], triples) -> float:

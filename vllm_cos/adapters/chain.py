@@ -71,21 +71,20 @@ class PendingChain:
         """Verify ``tokens`` [B, L] against r [B, L, V] in the ``live`` [B] rows; the output's
         columns past a row's proposal repeat its proposal column."""
         batch, width, vocab = r.shape
-        count = torch.where(live, self.count, 0)
+        lengths = torch.where(live, self.count + 1, 0) if self.pending else live.long()  # [B] tokens to verify
         extended = torch.cat([r, r.new_zeros(batch, 1, vocab)], dim=1)  # [B, L+1, V]
-        if final:
-            out = verify(tokens, count, self.proposal_probs, extended, live)
+        if final:  # the drafts only; r at the proposal's position is the final distribution
+            out = verify(tokens, (lengths - 1).clamp(min=0), self.proposal_probs, extended, live)
         else:
-            out = verify(tokens, torch.where(live, self.count + 1, 0), self.proposal_probs, extended,
-                         torch.zeros_like(live))
+            out = verify(tokens, lengths, self.proposal_probs, extended, torch.zeros_like(live))
         token_ids, accepted, rejected, emitted = out.token_ids, out.num_accepted, out.rejected, out.num_emitted
         if sampling.seeded is not None:  # r's own race at every position (vllm_cos.coupling)
             noise = sampling.noise(layout.position, vocab, layout.request).view(batch, width, vocab)
-            coupled = coupled_verify(tokens, torch.where(live, self.count + 1, 0), r, noise)
+            coupled = coupled_verify(tokens, lengths, r, noise)
             seeded = sampling.seeded
             token_ids = torch.where(seeded.unsqueeze(1), coupled.token_ids, token_ids)
             accepted = torch.where(seeded, coupled.num_accepted, accepted)
             rejected = torch.where(seeded, coupled.rejected, rejected)
             emitted = torch.where(seeded, coupled.num_accepted + coupled.rejected.long(), emitted)
-        token_ids = token_ids[:, :width].gather(1, self.offset)
+        token_ids = token_ids[:, :width].gather(1, self.offset) if self.pending else token_ids[:, :width]
         return VerifyOutput(token_ids=token_ids, num_emitted=emitted, num_accepted=accepted, rejected=rejected)

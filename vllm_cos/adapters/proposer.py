@@ -191,8 +191,9 @@ class CoSProposerMixin:
     def _verify_proposals(self, step, hidden, token_indices, next_token_ids, batch, direct: bool = False):
         """r at each row's pending tokens (lazily scored drafts, then the served proposal), from
         the first pass's ``hidden``; writes the verified tokens into the sampled-token tensor.
-        Returns (the row's last token [B], slots dropped after it [B]); under ``naive`` or when
-        ``direct`` the proposal's position is drawn from r itself."""
+        Returns (the row's last token [B], slots dropped after it [B] or None when no row had
+        lazily scored drafts); under ``naive`` or when ``direct`` the proposal's position is
+        drawn from r itself."""
         core, sampling = self.cos_core, step.sampling
         chain = PendingChain.of(step.proposals, batch)
         live = step.proposals.rows[:batch]
@@ -201,30 +202,39 @@ class CoSProposerMixin:
         rows = torch.arange(batch, device=live.device)
         slots = chain.slots()  # [B, L]
         tokens = step.sampled[rows.unsqueeze(1), slots].long()  # [B, L]
-        at = token_indices.unsqueeze(1) - chain.count.unsqueeze(1) - 1 + chain.offset  # inputs before them
+        at = token_indices.unsqueeze(1) - 1  # the inputs before the proposals, and before the drafts
+        if chain.pending:
+            at = at - chain.count.unsqueeze(1) + chain.offset
         group_logits = self.model.member_logits(hidden[at.view(-1)])  # [M, B*L, V]
-        layout = RowLayout(rows.repeat_interleave(chain.width), slots.reshape(-1))
+        per_column = (lambda t: t) if chain.width == 1 else (lambda t: t.repeat_interleave(chain.width))
+        layout = RowLayout(per_column(rows), slots.reshape(-1))
         log_r = core.combine(chain.target_logits.reshape(-1, core.tokenizer_size), group_logits,
                              step.controls.rule_params(layout))
         r = sampling.probs(step.controls.apply(log_r, layout, chain.grammar_rows()), layout)
-        out = chain.verify(r.view(batch, chain.width, -1), tokens, live, sampling, layout,
-                           final=core.schedule == "naive" or direct)
-        self._count_chain(chain, out, live, final=core.schedule == "naive" or direct)
+        final = core.schedule == "naive" or direct
+        out = chain.verify(r.view(batch, chain.width, -1), tokens, live, sampling, layout, final)
+        self._count_chain(chain, out, live, final)
         new = torch.where(live.unsqueeze(1), out.token_ids, tokens)  # [B, L]
         if step.logprobs is not None:
-            self._fill_logprobs(step.logprobs, layout, live.repeat_interleave(chain.width), log_r, r,
-                                new.reshape(-1))
+            self._fill_logprobs(step.logprobs, layout, per_column(live), log_r, r, new.reshape(-1))
         step.sampled[rows.unsqueeze(1), slots] = new.to(step.sampled.dtype)
+        if not chain.pending:  # one token per live row, at the proposal's slot
+            return new[:, 0], None
         last = torch.where(live, new[rows, (out.num_emitted - 1).clamp(min=0)], next_token_ids[:batch].long())
         return last, torch.where(live, chain.count + 1 - out.num_emitted, 0)
 
     def _count_chain(self, chain, out, live, final: bool) -> None:
-        stats, count = self.cos_core.stats, torch.where(live, chain.count, 0)
+        stats = self.cos_core.stats
+        if not chain.pending:  # the proposals only, one token each
+            if not final:
+                stats.add("served_proposed", live.sum())
+                stats.add("served_accepted", (live & (out.num_accepted > 0)).sum())
+            return
+        count = torch.where(live, chain.count, 0)
         drafts_accepted = torch.minimum(out.num_accepted, count)
-        if chain.pending:
-            stats.add("drafts_proposed", count.sum())
-            stats.add("drafts_accepted", drafts_accepted.sum())
-            stats.add("draft_rejections", (drafts_accepted < count).sum())
+        stats.add("drafts_proposed", count.sum())
+        stats.add("drafts_accepted", drafts_accepted.sum())
+        stats.add("draft_rejections", (drafts_accepted < count).sum())
         stats.add("tokens_emitted", -(torch.where(live, chain.count + 1 - out.num_emitted, 0).sum()))
         if not final:
             reached = live & (drafts_accepted == count)
@@ -379,10 +389,12 @@ class CoSProposerMixin:
         if gamma == 0:
             return torch.empty(batch, 0, dtype=torch.int64, device=tokens.device)
         void, num_changed = None, 0
-        back = torch.zeros_like(tokens) if back is None else back
         if last_hidden is not None:
-            changed = (tokens != next_token_ids[:batch].long()) | (back > 0)  # [B]
+            changed = tokens != next_token_ids[:batch].long()  # [B]
+            if back is not None:
+                changed = changed | (back > 0)
             num_changed = int(changed.sum())  # one host sync per step
+        back = 0 if back is None else back
         if last_hidden is None or (num_changed and num_changed * REFEED_SHARE >= batch):
             # Re-feed the verified token at its position (overwrites the proposal's KV there).
             cad.seq_lens -= back + 1
