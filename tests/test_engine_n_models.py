@@ -12,7 +12,8 @@ each (the paper's 3-model setting) and ``naive`` (small drafts 3); for unequal w
   rejection sampler against r) does too, and so does the third given the two before it
   (small's draft, which medium scores lazily: verified by the proposer) (chi-square); the
   first and third tokens of 3,000 unseeded requests too (min(1, r/q), not the seeded races);
-* lazy scoring is on by default: every CoS engine skips member passes (``member_passes_skipped``);
+* lazy scoring is on by default: every CoS engine skips member passes (``member_passes_skipped``),
+  and sampled and greedy outputs report logprobs of r at every position;
 * start-up logs the KV capacity shared by the three models and who drafts what;
 * the CoS counters add up: the CoS samplers emit every returned token, and at most a step's
   drafts more per request (the last step's overshoot past max_tokens, which vLLM cuts);
@@ -207,6 +208,30 @@ def test_unseeded_lazily_scored_drafts_follow_r(engines, tiny_models, tokenizer,
     assert p_first > P_THRESHOLD and p_third > P_THRESHOLD, (p_first, p_third)
     print(f"\n3-model WE alternate, T=1, unseeded, share={share}: first token p = {p_first:.3f}; "
           f"third p = {p_third:.3f}")
+
+
+def test_logprobs_are_log_r_at_every_position(engines, tiny_models, prompts):
+    """Sampled (seeded, T = 1) and greedy outputs report the emitted token's logprob of r at every
+    position, the lazily scored drafts verified by the proposer included."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_cos.config import load_config
+
+    llm = engines.get("equal", "alternate")
+    chosen = [prompts[i] for i in (0, 5, 9, 14)]
+    params = [SamplingParams(temperature=1.0 if i < 3 else 0.0, seed=i, max_tokens=MAX_TOKENS, ignore_eos=True,
+                             logprobs=5) for i in range(len(chosen))]
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in chosen], params, use_tqdm=False)
+    cfg = load_config(cos_spec(tiny_models, "equal", "alternate"))
+    worst = 0.0
+    for prompt, out in zip(chosen, outs):
+        gen = out.outputs[0]
+        assert len(gen.logprobs) == len(gen.token_ids) == MAX_TOKENS
+        log_r = reference_log_r(cfg, prompt + list(gen.token_ids))
+        for j, (token, entry) in enumerate(zip(gen.token_ids, gen.logprobs)):
+            worst = max(worst, abs(entry[token].logprob - float(log_r[len(prompt) - 1 + j, token])))
+    assert worst < 2e-3, f"logprobs differ from log r by {worst}"
 
 
 def _third_token_pvalue(models, prompt: list[int], triples) -> float:
