@@ -155,7 +155,7 @@ def test_a_prefill_step_is_no_cost_sample():
     c.observe(8, 1, 9.0, accepted=0, rejected=0, decode_only=False)
     assert c.buckets[8].cost[1] == 1.0
     c.observe(8, 1, 9.0, accepted=0, rejected=0)  # a pause: counted as at most 2x the mean
-    assert c.buckets[8].cost[1] == pytest.approx(1.0 + 0.1 * (2.0 - 1.0))
+    assert c.buckets[8].cost[1] == pytest.approx(1.0 + (2.0 - 1.0) / 2)  # the second sample: weight 1/2
 
 
 def test_a_new_bucket_borrows_a_near_buckets_shape_and_runs_no_trial():
@@ -180,13 +180,39 @@ def test_no_donor_farther_than_four_times_the_batch():
     assert c.choose(8) == 4 and c.buckets[8].trial == [4, 0, 0]  # measures both ends itself
 
 
-def test_a_re_measurement_tries_the_neighbour_above_the_best_not_far_unmeasured_ks():
+def test_a_re_measurement_tries_the_neighbour_above_the_best_or_every_other_time_zero():
     c = DraftLengthController(max_drafts=4, explore_every=32)
     c.choose(8)
     c.buckets[8].cost = {2: 1.0, 4: 3.0}
     assert c._explore(c.buckets[8], 2) == 3
+    assert c._explore(c.buckets[8], 4) == 0  # the second: verify-only steps, standard's cost
     assert c._explore(c.buckets[8], 4) == 3
     assert c._explore(c.buckets[8], 0) == 1
+    assert c._explore(c.buckets[8], 1) == 2
+
+
+def test_an_early_too_high_verify_only_time_is_corrected():
+    """t(8, 0) first measured 3x too high (one noisy step): k = 3 looks best at first, but the
+    k = 0 re-measurements bring the truth back and the controller settles on k = 0."""
+    c = DraftLengthController(max_drafts=4, explore_every=16)
+    true_cost = lambda k: 1.0 + 0.8 * k  # a = 0.6: E(3)/t(3) = 2.18/3.4 < 1 = E(0)/t(0)
+    first_zero = True
+    for _ in range(600):
+        k = c.choose(8)
+        seconds = true_cost(k)
+        if k == 0 and c._last == (8, 0) and first_zero:
+            seconds, first_zero = 3.0, False
+        c.observe(8, k, seconds, accepted=int(8 * 0.6 * k), rejected=8 if k else 0)
+    assert c.chosen()[8] == 0 and c.buckets[8].cost[0] < 1.3
+
+
+def test_the_first_samples_of_a_length_are_averaged_plainly():
+    c = DraftLengthController(max_drafts=2, explore_every=10 ** 9)
+    c.choose(4)
+    for seconds in (1.0, 2.0, 3.0):
+        c._last = (4, 1)
+        c.observe(4, 1, seconds, accepted=0, rejected=0)
+    assert c.buckets[4].cost[1] == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("batch", [1, 32])

@@ -27,7 +27,11 @@ at the k that shape makes best (no trial steps: a batch that passes through a bu
 last steps of a batch whose requests finish, pays none); without one it first measures both ends
 (k = max and k = 0, two steps each).  Every bucket re-measures the neighbour above its best k
 (below at the maximum) every ``explore_every`` steps, for two steps (the second is the steady
-one); the interval doubles while the re-measurements confirm the best k (at most 16x).  Pure
+one), and every other time k = 0 instead (when the best k is not 0): a step time measured
+early and too high would otherwise keep the verify-only steps, the "never slower than standard"
+anchor, out of reach for good.  The interval doubles while the re-measurements confirm the
+best k (at most 16x).  A k's first samples are averaged plainly (each counts 1/n until the
+running mean's weight takes over): one noisy step does not decide a bucket.  Pure
 Python: no torch, no vLLM.
 """
 
@@ -79,6 +83,8 @@ class _Bucket:
     interval: int = 0  # steps between re-measurements (0: not set yet)
     next_explore: int = 0  # the step count of the next re-measurement
     explored_from: int | None = None  # the best k when the last re-measurement started
+    explorations: int = 0  # re-measurements started
+    samples: dict[int, int] = field(default_factory=dict)  # k -> steady steps measured
 
 
 @dataclass
@@ -87,7 +93,7 @@ class DraftLengthController:
     acceptance: float = 0.7  # prior until drafts are verified
     kept: float = 1.0  # share of drafting rows whose drafts were not voided
     smoothing: float = 0.1  # weight of a new observation in the running means
-    explore_every: int = 128  # steps between re-measurements (doubling while confirmed)
+    explore_every: int = 32  # steps between re-measurements (doubling while confirmed, up to 16x)
     buckets: dict[int, _Bucket] = field(default_factory=dict)
     _last: tuple[int, int] | None = None  # (bucket, k) of the previous step
     _tried: float = 0.0  # decayed sums behind ``acceptance``: drafts tried, and accepted
@@ -159,6 +165,9 @@ class DraftLengthController:
         state.explored_from = best
         state.next_explore = state.steps + state.interval
         neighbour = best + 1 if best < self.max_drafts else max(best - 1, 0)  # the others: interpolated
+        state.explorations += 1
+        if best > 0 and state.explorations % 2 == 0:  # every other time k = 0, standard's own cost
+            neighbour = 0
         state.trial = [neighbour]
         return neighbour
 
@@ -179,8 +188,10 @@ class DraftLengthController:
         b = bucket_of(batch)
         state = self.buckets.setdefault(b, _Bucket())
         if self._last == (b, k) and seconds > 0 and decode_only:  # steady: verified k and drafted k
-            old = state.cost.get(k)
-            state.cost[k] = seconds if old is None else old + self.smoothing * (min(seconds, OUTLIER * old) - old)
+            old, n = state.cost.get(k), state.samples.get(k, 0) + 1
+            weight = max(self.smoothing, 1.0 / n)  # a plain mean of the first samples, then a running one
+            state.cost[k] = seconds if old is None else old + weight * (min(seconds, OUTLIER * old) - old)
+            state.samples[k] = n
         self._last = (b, k)
 
     def chosen(self) -> dict[int, int]:
