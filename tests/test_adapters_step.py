@@ -83,7 +83,8 @@ def test_stash_put_take_free():
     stash = DraftStash(max_requests=2, max_drafts=3, num_members=2, vocab=5)
     logits = torch.randn(2, 2, 2, 5)
     stash.put(["a", "b"], torch.tensor([[1, 2], [3, 4]]), logits)
-    ids, got = stash.take(["b", "x", "a"], 3)
+    ids, got, complete = stash.take(["b", "x", "a"], 3)
+    assert complete.tolist() == [2, 0, 2]  # put without ``complete``: every member scored all
     assert ids.tolist() == [[3, 4, NO_DRAFT], [NO_DRAFT] * 3, [1, 2, NO_DRAFT]]
     assert torch.equal(got[0, :2], logits[1]) and torch.equal(got[2, :2], logits[0])
     assert (stash.take(["a", "b"], 3)[0] == NO_DRAFT).all()  # read once
@@ -99,5 +100,5 @@ def test_stash_void_rows_are_never_verifiable():
     stash = DraftStash(max_requests=3, max_drafts=2, num_members=1, vocab=4)
     stash.put(["a", "b", "c"], torch.tensor([[1, 2], [3, 0], [2, 2]]), torch.randn(3, 2, 1, 4),
               void=torch.tensor([False, True, False]))
-    ids, _ = stash.take(["a", "b", "c"], 2)
+    ids, _, _ = stash.take(["a", "b", "c"], 2)
     assert ids.tolist() == [[1, 2], [NO_DRAFT, NO_DRAFT], [2, 2]]

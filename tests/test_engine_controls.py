@@ -6,8 +6,8 @@ schema, grammar; min_tokens with stop tokens; bad_words; allowed_token_ids; logi
 min_p; repetition / presence / frequency penalties):
 
 * greedy: token-identical to ``standard``, one request at a time and as one batch of 16 that
-  mixes every control (2 models WE and CD, 3 models WE, and WE with `gamma: auto`, whose drafts
-  per step vary);
+  mixes every control (2 models WE and CD, 3 models WE under alternate and naive -- both
+  score lazily, vllm_cos.lazy --, and WE with `gamma: auto`, whose drafts per step vary);
 * every structured-output completion is valid, greedy and sampled (T = 1, seeded);
 * at T = 1 the first two tokens under a ``choice`` constraint and under ``min_p`` follow the
   same distribution as ``standard``'s (two-sample chi-square over seeded requests).
@@ -124,7 +124,7 @@ def greedy_runs(llm, tok):
 
 _reference: dict = {}
 GREEDY_ORDER = [("we", "standard"), ("we", "alternate"), ("we", "naive"), ("we", "auto"), ("we3", "standard"),
-                ("we3", "alternate"), ("cd", "standard"), ("cd", "alternate"), ("cd", "auto")]
+                ("we3", "alternate"), ("we3", "naive"), ("cd", "standard"), ("cd", "alternate"), ("cd", "auto")]
 
 
 @pytest.mark.parametrize("rule,schedule", GREEDY_ORDER, ids=[f"{r}-{s}" for r, s in GREEDY_ORDER])

@@ -24,6 +24,18 @@ from vllm_cos.coupling import coupled_verify
 from vllm_cos.verify import VerifyOutput, verify
 
 
+def seeded_races(sampling, layout, drafts, num_drafts, r, token_ids, accepted, rejected):
+    """Seeded rows' verification replaced by :func:`vllm_cos.coupling.coupled_verify` (``layout``:
+    the (request, position) of each of the B x K rows of r [B, K, V]); unseeded rows keep the
+    min(1, r/q) result (``token_ids``, ``accepted``, ``rejected`` of :func:`vllm_cos.verify.verify`)."""
+    batch, k, vocab = r.shape
+    noise = sampling.noise(layout.position, vocab, layout.request).view(batch, k, vocab)
+    coupled = coupled_verify(drafts, num_drafts, r, noise)
+    seeded = sampling.seeded
+    return (torch.where(seeded.unsqueeze(1), coupled.token_ids, token_ids),
+            torch.where(seeded, coupled.num_accepted, accepted), torch.where(seeded, coupled.rejected, rejected))
+
+
 @dataclass
 class PendingChain:
     count: torch.Tensor  # [B] int64 lazily scored drafts before the proposal
@@ -79,12 +91,8 @@ class PendingChain:
             out = verify(tokens, lengths, self.proposal_probs, extended, torch.zeros_like(live))
         token_ids, accepted, rejected, emitted = out.token_ids, out.num_accepted, out.rejected, out.num_emitted
         if sampling.seeded is not None:  # r's own race at every position (vllm_cos.coupling)
-            noise = sampling.noise(layout.position, vocab, layout.request).view(batch, width, vocab)
-            coupled = coupled_verify(tokens, lengths, r, noise)
-            seeded = sampling.seeded
-            token_ids = torch.where(seeded.unsqueeze(1), coupled.token_ids, token_ids)
-            accepted = torch.where(seeded, coupled.num_accepted, accepted)
-            rejected = torch.where(seeded, coupled.rejected, rejected)
-            emitted = torch.where(seeded, coupled.num_accepted + coupled.rejected.long(), emitted)
+            token_ids, accepted, rejected = seeded_races(sampling, layout, tokens, lengths, r, token_ids,
+                                                         accepted, rejected)
+            emitted = torch.where(sampling.seeded, accepted + rejected.long(), emitted)
         token_ids = token_ids[:, :width].gather(1, self.offset) if self.pending else token_ids[:, :width]
         return VerifyOutput(token_ids=token_ids, num_emitted=emitted, num_accepted=accepted, rejected=rejected)

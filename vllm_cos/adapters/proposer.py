@@ -206,8 +206,8 @@ class CoSProposerMixin:
         if chain.pending:
             at = at - chain.count.unsqueeze(1) + chain.offset
         group_logits = self.model.member_logits(hidden[at.view(-1)])  # [M, B*L, V]
-        per_column = (lambda t: t) if chain.width == 1 else (lambda t: t.repeat_interleave(chain.width))
-        layout = RowLayout(per_column(rows), slots.reshape(-1))
+        column_rows = rows if chain.width == 1 else rows.repeat_interleave(chain.width)  # [B*L]
+        layout = RowLayout(column_rows, slots.reshape(-1))
         log_r = core.combine(chain.target_logits.reshape(-1, core.tokenizer_size), group_logits,
                              step.controls.rule_params(layout))
         r = sampling.probs(step.controls.apply(log_r, layout, chain.grammar_rows()), layout)
@@ -216,7 +216,7 @@ class CoSProposerMixin:
         self._count_chain(chain, out, live, final)
         new = torch.where(live.unsqueeze(1), out.token_ids, tokens)  # [B, L]
         if step.logprobs is not None:
-            self._fill_logprobs(step.logprobs, layout, per_column(live), log_r, r, new.reshape(-1))
+            self._fill_logprobs(step.logprobs, layout, live[column_rows], log_r, r, new.reshape(-1))
         step.sampled[rows.unsqueeze(1), slots] = new.to(step.sampled.dtype)
         if not chain.pending:  # one token per live row, at the proposal's slot
             return new[:, 0], None

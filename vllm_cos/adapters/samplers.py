@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_cos.adapters.chain import seeded_races
 from vllm_cos.adapters.controls import Controls, RowLayout, RowSampling
 from vllm_cos.adapters.step import PendingDrafts, ServedProposals, StepInvariantError
-from vllm_cos.coupling import coupled_verify
 from vllm_cos.verify import verify
 
 
@@ -149,17 +149,6 @@ def draft_grid(metadata, device):
     return row_index, torch.where(is_draft, scheduled[flat], -1)[:, :k], counts
 
 
-def _coupled_rows(sampling, layout, drafts, usable, r, token_ids, accepted, rejected):
-    """Seeded rows' verification replaced by :func:`vllm_cos.coupling.coupled_verify` (the grid
-    ``layout``'s column j = output position emitted + j); unseeded rows keep the min(1, r/q) result."""
-    batch, k, vocab = r.shape
-    noise = sampling.noise(layout.position, vocab, layout.request).view(batch, k, vocab)
-    coupled = coupled_verify(drafts, usable, r, noise)
-    seeded = sampling.seeded
-    return (torch.where(seeded.unsqueeze(1), coupled.token_ids, token_ids),
-            torch.where(seeded, coupled.num_accepted, accepted), torch.where(seeded, coupled.rejected, rejected))
-
-
 def _count_step(stats, batch: int, usable, accepted, rejected, token_ids) -> None:
     for name, value in (("steps", 1), ("row_steps", batch), ("drafts_proposed", usable.sum()),
                         ("drafts_accepted", accepted.sum()), ("draft_rejections", rejected.sum()),
@@ -171,10 +160,8 @@ def _stashed_drafts(core, req_ids, batch: int, k: int, scheduled, controls, devi
     """The group's stash for this step: (usable [B] = leading drafts vLLM kept as the group
     proposed them, checked [B] = those of them every member scored (the rest wait for the
     proposer: vllm_cos.lazy), member logits [B, K, M, V])."""
-    padded_ids = req_ids + (None,) * (batch - len(req_ids))
-    complete = core.stash.complete(padded_ids).to(device)
-    stashed, member_logits = core.stash.take(padded_ids, k)
-    stashed, member_logits = stashed.to(device), member_logits.to(device)
+    stashed, member_logits, complete = core.stash.take(req_ids + (None,) * (batch - len(req_ids)), k)
+    stashed, member_logits, complete = stashed.to(device), member_logits.to(device), complete.to(device)
     usable = (stashed == scheduled).long().cumprod(dim=1).sum(dim=1)  # [B]
     if controls.overrides is not None and controls.overrides.no_speculation is not None:
         usable = torch.where(controls.overrides.no_speculation, 0, usable)  # cos_speculate: 0
@@ -192,7 +179,7 @@ def _pending_drafts(core, k: int, token_ids, scheduled, accepted, usable, reject
     count = torch.where(rejected, 0, (usable - accepted).clamp(min=0, max=width))  # [B]
     column = torch.arange(k + 1, device=device)
     tentative = (column >= accepted.unsqueeze(1)) & (column < (accepted + count).unsqueeze(1))  # [B, K+1]
-    token_ids.copy_(torch.where(tentative, torch.cat([scheduled, scheduled[:, :1]], dim=1), token_ids))
+    token_ids[:, :k] = torch.where(tentative[:, :k], scheduled, token_ids[:, :k])
     cols = (accepted.unsqueeze(1) + torch.arange(width, device=device)).clamp(max=k - 1)  # [B, P]
     rows = torch.arange(batch, device=device).unsqueeze(1)
     grammar = None if grammar_rows is None else grammar_rows[rows, cols]
@@ -235,8 +222,8 @@ class CoSRejectionSampler(_CoSSamplerBase):
                          torch.zeros(batch, dtype=torch.bool, device=device))
             token_ids, accepted, rejected = out.token_ids, out.num_accepted, out.rejected
             if sampling.seeded is not None:  # seeded rows: position-keyed races (vllm_cos.coupling)
-                token_ids, accepted, rejected = _coupled_rows(sampling, layout, drafts, checked, r, token_ids,
-                                                              accepted, rejected)
+                token_ids, accepted, rejected = seeded_races(sampling, layout, drafts, checked, r, token_ids,
+                                                             accepted, rejected)
         else:
             token_ids = torch.full((batch, 1), -1, dtype=torch.long, device=device)
             accepted = torch.zeros(batch, dtype=torch.long, device=device)

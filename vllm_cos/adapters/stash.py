@@ -65,8 +65,9 @@ class DraftStash:
         self.member_logits[slots, :k] = member_logits.to(self.member_logits.dtype)
         self.complete_counts[slots] = k if complete is None else complete
 
-    def take(self, req_ids, max_drafts: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(token ids [B, K] with NO_DRAFT where none, member logits [B, K, M, V]); read once."""
+    def take(self, req_ids, max_drafts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token ids [B, K] with NO_DRAFT where none, member logits [B, K, M, V], leading drafts
+        with every member's logits [B] (0: none)); read once."""
         slot_list = self._slots(req_ids, create=False)
         slots = torch.tensor(slot_list, dtype=torch.long, device=self.token_ids.device)
         known = (slots >= 0).unsqueeze(1)
@@ -78,13 +79,9 @@ class DraftStash:
             pad = max_drafts - k
             ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), NO_DRAFT)], dim=1)
             logits = torch.cat([logits, logits.new_zeros(logits.shape[0], pad, *logits.shape[2:])], dim=1)
+        complete = torch.where(slots >= 0, self.complete_counts[safe], 0)
         self.token_ids[slots[slots >= 0]] = NO_DRAFT
-        return ids, logits
-
-    def complete(self, req_ids) -> torch.Tensor:
-        """[B] int64: each request's leading stashed drafts with every member's logits (0: none)."""
-        slots = torch.tensor(self._slots(req_ids, create=False), dtype=torch.long, device=self.token_ids.device)
-        return torch.where(slots >= 0, self.complete_counts[slots.clamp(min=0)], 0)
+        return ids, logits, complete
 
     def free(self, req_ids) -> None:
         for req_id in req_ids:
