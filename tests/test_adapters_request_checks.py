@@ -51,3 +51,19 @@ def test_cos_engines_get_the_builtin_processors_and_refuse_custom_ones(tiny_mode
     assert seen[-1] is None  # built as without speculative decoding: min_p and logit_bias too
     with pytest.raises(ValueError, match=r"custom logits processors \(Custom\).*schedule 'standard'"):
         hook(vllm_config, "cpu", False, False, ["my.Proc"])
+
+
+def test_a_reused_engine_config_id_does_not_return_the_old_engine_s_cos_config():
+    """``cos_config_of`` caches by id(vllm_config); a new engine's config object can get the id
+    of one already collected (seen: a 2-model engine validated requests against the previous
+    in-process 4-model engine's config), so the entry must belong to the same object."""
+    from types import SimpleNamespace
+
+    from vllm_cos.adapters import request_checks
+
+    old, new = SimpleNamespace(additional_config=None), SimpleNamespace(additional_config=None)
+    request_checks._configs[id(new)] = (old, "the collected engine's config")  # as if old's id were new's
+    try:
+        assert request_checks.cos_config_of(new) is None  # parsed afresh: new carries no CoS config
+    finally:
+        request_checks._configs.pop(id(new), None)

@@ -32,16 +32,17 @@ def is_cos_speculative(vllm_config) -> bool:
     return getattr(vllm_config, "speculative_config", None) is not None and ADDITIONAL_CONFIG_KEY in additional
 
 
-_configs: dict[int, object] = {}  # id(vllm_config) -> its CoSConfig (parsed once)
+_configs: dict[int, tuple] = {}  # id(vllm_config) -> (that vllm_config, its CoSConfig), parsed once
 
 
 def cos_config_of(vllm_config):
     """The CoS configuration an engine runs (None: not a CoS engine)."""
     key = id(vllm_config)
-    if key not in _configs:
+    entry = _configs.get(key)
+    if entry is None or entry[0] is not vllm_config:  # an id is reused once its engine is gone
         carried = config_from_additional(getattr(vllm_config, "additional_config", None))
-        _configs[key] = None if carried is None else carried[0]
-    return _configs[key]
+        entry = _configs[key] = (vllm_config, None if carried is None else carried[0])
+    return entry[1]
 
 
 def check_overrides(params, cfg) -> None:
