@@ -316,6 +316,62 @@ def test_hf_ensemble_availability_is_reported():
     assert isinstance(ok, bool) and why
 
 
+def test_engine_groups_put_standard_and_cos_side_by_side(tmp_path):
+    s, _ = bench.parse_args(["--quick", "--models", _fake_models(tmp_path)])
+    jobs = bench.plan(s, bench._models(s))
+    groups = bench.engine_groups(jobs, s.side_by_side)
+    assert [j for g in groups for j in g] == jobs  # every job once, in the plan's order
+    for g in groups:
+        assert len(g) <= s.side_by_side
+        assert len({tuple(bench.job_measurements(j, s)) for j in g}) == 1
+        assert len(g) == 1 or all(j.rule != "none" for j in g)
+    for rule, param in bench.MAIN_CONFIGS:
+        group = next(g for g in groups if any(j.method == "standard" and (j.rule, j.param) == (rule, param)
+                                              for j in g))
+        assert {(j.method, j.gamma) for j in group} >= {("naive", "auto"), ("alternate", "auto")}
+    assert all(len(g) == 1 for g in bench.engine_groups(jobs, 1))
+    with pytest.raises(SystemExit, match="side-by-side"):
+        bench.parse_args(["--side-by-side", "0"])
+
+
+class _Stats:
+    def __init__(self, drafts, accepted_per_pos):
+        self.num_drafts, self.num_draft_tokens = drafts, drafts * len(accepted_per_pos)
+        self.num_accepted_tokens, self.num_accepted_tokens_per_pos = sum(accepted_per_pos), accepted_per_pos
+
+
+def test_spec_counts_are_per_engine():
+    a, b = bench.SpecCounts(), bench.SpecCounts()
+    before = a.snapshot()
+    a.record(type("S", (), {"spec_decoding_stats": _Stats(2, [2, 1])})())
+    a.record(type("S", (), {"spec_decoding_stats": None})())
+    a.record(None)
+    a.record(type("S", (), {"spec_decoding_stats": _Stats(1, [1, 1, 0])})())
+    assert a.snapshot() == {"num_drafts": 3, "num_draft_tokens": 7, "num_accepted_tokens": 5, "per_pos": [3, 2, 0]}
+    assert before["per_pos"] == [] and b.snapshot()["num_drafts"] == 0
+    assert bench._diff(a.snapshot(), before)["per_pos"] == [3, 2, 0]
+
+
+def test_side_by_side_engines_take_turns(monkeypatch):
+    from vllm_cos.bench import engine_rows
+
+    calls = []
+
+    def fake_generate(llm, prompts, batch, temperature, max_tokens):
+        calls.append(llm)
+        return 10 * (1 + len(calls)), 1.0, 1.0  # each call faster: an engine's best is its last
+
+    monkeypatch.setattr(engine_rows, "generate_timed", fake_generate)
+    monkeypatch.setattr(engine_rows, "cos_counters", lambda llm: None)
+    s, _ = bench.parse_args(["--preset", "smoke", "--repeats", "3"])
+    jobs = [bench.EngineJob(name, "naive", "we", "lambda=0.5", 2, [1.0]) for name in ("a", "b", "c")]
+    engines = [bench.Engine(job, job.label, bench.SpecCounts()) for job in jobs]
+    rows = bench.measure_side_by_side(engines, 1.0, 1, "code", [[1, 2]], s)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [r.extra["engine"] for r in rows] == ["a", "b", "c"]
+    assert [r.tokens_per_s for r in rows] == [90.0, 100.0, 80.0]
+
+
 # ------------------------------------------------------------------ engine smoke
 
 @pytest.mark.engine
@@ -336,6 +392,8 @@ def test_smoke_preset_runs(tmp_path):
     assert math.isfinite(alt["predicted"]) and math.isfinite(alt["predicted_paper"])
     assert auto["status"] == "ok" and auto["tokens_per_s"] > 0 and auto["speedup_vs_standard"] is not None
     assert auto["predicted"] is None and 0 <= auto["extra"]["mean_drafts_per_step"] <= 4
+    for row in (alt, auto):  # the engines ran side by side: each row's spec counters are its own
+        assert row["extra"]["spec_counters"]["num_draft_tokens"] == row["extra"]["cos_counters"]["drafts_proposed"]
     assert "pred (paper)" in data["meta"]["notes"] and "| pred (paper) |" in (out / "bench.md").read_text()
 
 

@@ -80,12 +80,12 @@ from vllm_cos.bench.environment import (  # noqa: F401
 )
 from vllm_cos.bench.rows import CLOCKS, cost_ratios, derive, MIXTURE, rate, REF_PEERS, Row, _set_timing  # noqa: F401
 from vllm_cos.bench.jobs import (  # noqa: F401
-    AUTO, cd_rule, cos_spec, EngineJob, job_measurements, MAIN_CONFIGS, plan, swapped_spec, we_rule, we3_rule, _models,
+    AUTO, cd_rule, cos_spec, engine_groups, EngineJob, job_measurements, MAIN_CONFIGS, plan, swapped_spec, we_rule, we3_rule, _models,
     _repo_root,
 )
 from vllm_cos.bench.engine_rows import (  # noqa: F401
-    cos_counters, ENGINE_KWARGS, generate_timed, KV_CACHE_BYTES, measure_on_engine, run_engine_job,
-    spec_counters, start_engine, _diff,
+    cos_counters, Engine, ENGINE_KWARGS, generate_timed, KV_CACHE_BYTES, measure_side_by_side, run_engine_group,
+    run_engine_job, SpecCounts, start_engine, _diff,
 )
 from vllm_cos.bench.peers import (  # noqa: F401
     count_peer_measurements, hf_ensemble_available, MIXTURE_LAMBDA, MIXTURE_TEMPERATURE, run_hf_ensemble_peer,

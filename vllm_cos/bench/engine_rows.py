@@ -4,6 +4,7 @@ CoS counters into :class:`~vllm_cos.bench.rows.Row`."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from vllm_cos.bench.environment import load_average
 from vllm_cos.bench.jobs import AUTO, EngineJob, job_measurements
@@ -28,24 +29,6 @@ def start_engine(job: EngineJob, models: dict, settings: Settings):
     if job.spec is not None:
         kwargs["speculative_config"] = job.spec
     return LLM(model=served, **kwargs)
-
-
-def spec_counters(llm) -> dict:
-    out = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "per_pos": []}
-    try:
-        metrics = llm.get_metrics()
-    except Exception:
-        return out
-    for m in metrics:
-        if m.name == "vllm:spec_decode_num_drafts":
-            out["num_drafts"] += int(m.value)
-        elif m.name == "vllm:spec_decode_num_draft_tokens":
-            out["num_draft_tokens"] += int(m.value)
-        elif m.name == "vllm:spec_decode_num_accepted_tokens":
-            out["num_accepted_tokens"] += int(m.value)
-        elif m.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
-            out["per_pos"] = [int(v) for v in m.values]
-    return out
 
 
 def cos_counters(llm) -> dict | None:
@@ -99,16 +82,80 @@ def generate_timed(llm, prompts: list[list[int]], batch: int, temperature: float
     return tokens, time.perf_counter() - start, time.process_time() - cpu
 
 
-def measure_on_engine(llm, job: EngineJob, temperature: float, batch: int, prompt_set: str,
-                      prompts: list[list[int]], settings: Settings) -> Row:
+@dataclass
+class Engine:
+    """A started engine of a group, with its own spec-decode counters."""
+
+    job: EngineJob
+    llm: object
+    spec: SpecCounts
+
+
+class SpecCounts:
+    """One engine's spec-decode counters, fed by its stat-logger manager.  vLLM's Prometheus
+    counters are process-global: a second engine in the process re-registers them, after which
+    ``LLM.get_metrics()`` of the first reads the second's, so side-by-side engines count here."""
+
+    def __init__(self):
+        self.totals = {"num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0, "per_pos": []}
+
+    @classmethod
+    def attach(cls, llm) -> "SpecCounts":
+        counts = cls()
+        manager = getattr(getattr(llm, "llm_engine", None), "logger_manager", None)
+        if manager is not None:
+            manager.stat_loggers.append(counts)
+        return counts
+
+    def record(self, scheduler_stats, iteration_stats=None, mm_cache_stats=None, engine_idx=0):
+        stats = getattr(scheduler_stats, "spec_decoding_stats", None)
+        if stats is None:
+            return
+        for key in ("num_drafts", "num_draft_tokens", "num_accepted_tokens"):
+            self.totals[key] += int(getattr(stats, key))
+        per_pos, new = self.totals["per_pos"], list(stats.num_accepted_tokens_per_pos)
+        per_pos += [0] * (len(new) - len(per_pos))
+        for i, v in enumerate(new):
+            per_pos[i] += int(v)
+
+    def snapshot(self) -> dict:
+        return dict(self.totals, per_pos=list(self.totals["per_pos"]))
+
+    def log(self):  # the manager's other calls: nothing to do
+        pass
+
+    def log_engine_initialized(self):
+        pass
+
+    def record_sleep_state(self, *args):
+        pass
+
+    def record_admission_rejection(self, reason):
+        pass
+
+
+def measure_side_by_side(engines: list[Engine], temperature: float, batch: int, prompt_set: str,
+                         prompts: list[list[int]], settings: Settings) -> list[Row]:
+    """One measurement on every engine of a group: repetition i runs them in turn from engine
+    i mod n, and each row keeps its best repetition, so no engine is timed in a quieter minute."""
+    before = [(e.spec.snapshot(), cos_counters(e.llm)) for e in engines]
+    runs: list[list[tuple]] = [[] for _ in engines]
+    for i in range(settings.repeats):
+        for k in range(len(engines)):
+            e = (i + k) % len(engines)
+            runs[e].append(generate_timed(engines[e].llm, prompts, batch, temperature, settings.max_tokens))
+    return [_engine_row(e, temperature, batch, prompt_set, r, b, settings)
+            for e, r, b in zip(engines, runs, before)]
+
+
+def _engine_row(engine: Engine, temperature: float, batch: int, prompt_set: str, runs: list[tuple],
+                before: tuple, settings: Settings) -> Row:
+    job, llm = engine.job, engine.llm
     row = Row(method=job.method, rule=job.rule, param=job.param, temperature=temperature, batch=batch,
               prompts=prompt_set, gamma=job.gamma, proposer=None if job.method in ("single", "standard")
               else job.proposer, extra={"main_gamma": settings.gamma, "engine": job.label})
-    spec0, cos0 = spec_counters(llm), cos_counters(llm)
-    runs = [generate_timed(llm, prompts, batch, temperature, settings.max_tokens)
-            for _ in range(settings.repeats)]
-    spec = _diff(spec_counters(llm), spec0)
-    cos = _diff(cos_counters(llm), cos0)
+    spec = _diff(engine.spec.snapshot(), before[0])
+    cos = _diff(cos_counters(llm), before[1])
     _set_timing(row, runs)
     row.load_avg = load_average()
     if job.method == "single" or job.method == "single_proposer" or job.method == "standard":
@@ -151,28 +198,46 @@ def warm_up(llm, job: EngineJob, measurements: list[tuple], settings: Settings, 
             generate_timed(llm, prompts, b, t, settings.max_tokens)
 
 
-def run_engine_job(job: EngineJob, models: dict, settings: Settings, prompt_ids: dict, progress) -> list[Row]:
-    rows = []
-    measurements = job_measurements(job, settings)
-    progress.set_description(f"start {job.label}")
+def _refused_rows(job: EngineJob, exc: Exception, settings: Settings) -> list[Row]:
+    """The rows of a job whose engine refused its configuration."""
+    message = " ".join(str(exc).split())[:300] or type(exc).__name__
+    unsupported = "supports" in message or "unsupported" in message.lower() or "CoSStartupError" in repr(exc)
+    status = ("unsupported: " if unsupported else "error: ") + message
+    return [Row(method=job.method, rule=job.rule, param=job.param, temperature=t, batch=b, prompts=s,
+                gamma=job.gamma, status=status, load_avg=load_average(),
+                extra={"engine": job.label, "main_gamma": settings.gamma})
+            for t, b, s in job_measurements(job, settings)]
+
+
+def run_engine_group(group: list[EngineJob], models: dict, settings: Settings, prompt_ids: dict,
+                     progress) -> list[Row]:
+    """Start (and warm up) every engine of a group (:func:`~vllm_cos.bench.jobs.engine_groups`:
+    the jobs make the same measurements), measure them side by side, shut them down; the rows
+    come job by job in the group's order."""
+    rows: dict[str, list[Row]] = {job.label: [] for job in group}
+    engines: list[Engine] = []
     try:
-        llm = start_engine(job, models, settings)
-    except Exception as exc:  # the engine refused the configuration
-        message = " ".join(str(exc).split())[:300] or type(exc).__name__
-        unsupported = "supports" in message or "unsupported" in message.lower() or "CoSStartupError" in repr(exc)
-        status = ("unsupported: " if unsupported else "error: ") + message
-        for t, b, s in measurements:
-            rows.append(Row(method=job.method, rule=job.rule, param=job.param, temperature=t, batch=b,
-                            prompts=s, gamma=job.gamma, status=status, load_avg=load_average(),
-                            extra={"engine": job.label, "main_gamma": settings.gamma}))
-            progress.update(1)
-        return rows
-    try:
-        warm_up(llm, job, measurements, settings, prompt_ids)
-        for t, b, s in measurements:
-            progress.set_description(f"{job.label} T={t:g} B={b} {s}")
-            rows.append(measure_on_engine(llm, job, t, b, s, prompt_ids[s], settings))
-            progress.update(1)
+        for job in group:
+            progress.set_description(f"start {job.label}")
+            try:
+                llm = start_engine(job, models, settings)
+            except Exception as exc:  # the engine refused the configuration
+                rows[job.label] = _refused_rows(job, exc, settings)
+                progress.update(len(rows[job.label]))
+                continue
+            engines.append(Engine(job, llm, SpecCounts.attach(llm)))
+            warm_up(llm, job, job_measurements(job, settings), settings, prompt_ids)
+        for t, b, s in job_measurements(group[0], settings) if engines else []:
+            progress.set_description(f"{' | '.join(e.job.label for e in engines)} T={t:g} B={b} {s}")
+            for engine, row in zip(engines, measure_side_by_side(engines, t, b, s, prompt_ids[s], settings)):
+                rows[engine.job.label].append(row)
+            progress.update(len(engines))
     finally:
-        shutdown_llm(llm)
-    return rows
+        for engine in engines:
+            shutdown_llm(engine.llm)
+    return [row for job in group for row in rows[job.label]]
+
+
+def run_engine_job(job: EngineJob, models: dict, settings: Settings, prompt_ids: dict, progress) -> list[Row]:
+    """One engine on its own (a group of one)."""
+    return run_engine_group([job], models, settings, prompt_ids, progress)

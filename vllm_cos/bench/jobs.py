@@ -232,6 +232,27 @@ def _three_model_jobs(settings: Settings, models: dict, temps: list[float], rule
     return _with_auto(jobs, settings, models, rule_dict, three=True)
 
 
+def engine_groups(jobs: list[EngineJob], limit: int) -> list[list[EngineJob]]:
+    """Consecutive jobs of one rule configuration that make the same measurements, at most
+    ``limit`` per group: their engines run side by side and take turns on every repetition, so
+    that a change of the machine's load during the run hits standard and CoS alike instead of
+    whichever was measured in that minute.  Baselines (rule ``none``) stay one engine each."""
+    groups: list[list[EngineJob]] = []
+    for job in jobs:
+        last = groups[-1] if groups else None
+        if (last is not None and len(last) < limit and job.rule != "none"
+                and _measurement_key(last[0]) == _measurement_key(job)):
+            last.append(job)
+        else:
+            groups.append([job])
+    return groups
+
+
+def _measurement_key(job: EngineJob) -> tuple:
+    return (job.rule, job.param, tuple(job.temperatures), job.served,
+            tuple(job.batch_sizes or ()), tuple(job.prompt_sets or ()))
+
+
 def job_measurements(job: EngineJob, settings: Settings) -> list[tuple[float, int, str]]:
     batches = job.batch_sizes or settings.batch_sizes
     sets = job.prompt_sets or settings.prompt_sets

@@ -15,21 +15,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                   schedules=["standard", "alternate"], prompt_sets=["code"], prompts_per_set=1,
                   max_tokens=16, three_models=False, peers=False, sd=False, single=True, rule_temperatures=None,
                   repeats=1, peer_batches=[1], gamma_schedules=["alternate"], swap_proposer=False,
-                  auto_gamma=True, sd_batches=[1]),
+                  auto_gamma=True, sd_batches=[1], side_by_side=3),
     # the acceptance targets, batch 1, 8 and 32 (32: the main rows, not sd / peers / the gamma grid)
     "quick": dict(batch_sizes=[1, 8, 32], temperatures=None, lambdas=[0.5], mus=[0.1], gammas=[1, 2, 3],
                   gamma=3, schedules=["standard", "naive", "alternate"], prompt_sets=["code", "prose"],
                   prompts_per_set=3, max_tokens=96, three_models=True, peers=True, sd=True, single=True,
                   rule_temperatures={"we": [1.0], "cd": [0.0]}, repeats=3,
                   peer_batches=[1, 8], gamma_schedules=["alternate"], swap_proposer=True,
-                  auto_gamma=True, sd_batches=[1, 8]),
+                  auto_gamma=True, sd_batches=[1, 8], side_by_side=6),
     # the paper's main rows on forward-dominated models (--models models/wide, scripts/widen_models.py):
     # short generations, one prompt set, no peers / grid / swapped proposer
     "paper": dict(batch_sizes=[1, 8], temperatures=None, lambdas=[0.5], mus=[0.1], gammas=[], gamma=3,
                   schedules=["standard", "naive", "alternate"], prompt_sets=["code"], prompts_per_set=2,
                   max_tokens=32, three_models=True, peers=False, sd=True, single=True,
                   rule_temperatures={"we": [1.0], "cd": [0.0]}, repeats=2, peer_batches=[1],
-                  gamma_schedules=["alternate"], swap_proposer=False, auto_gamma=True, sd_batches=[1, 8]),
+                  gamma_schedules=["alternate"], swap_proposer=False, auto_gamma=True, sd_batches=[1, 8],
+                  side_by_side=6),
     # everything in the issue
     "full": dict(batch_sizes=[1, 8, 32], temperatures=None, lambdas=[0.1, 0.3, 0.5, 0.7, 0.9],
                  mus=[0.1, 0.3], gammas=[1, 2, 3, 4, 5, 6], gamma=3,
@@ -37,10 +38,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                  prompts_per_set=4, max_tokens=128, three_models=True, peers=True, sd=True, single=True,
                  rule_temperatures=None, repeats=3, peer_batches=[1, 8],
                  gamma_schedules=["naive", "alternate"], swap_proposer=True, auto_gamma=True,
-                 sd_batches=[1, 8, 32]),
+                 sd_batches=[1, 8, 32], side_by_side=6),
 }
 # auto_gamma: next to each fixed-gamma naive / alternate row of the main configurations (WE
 # lambda=0.5, CD mu=0.1, 3-model WE) a row with cos.yaml ``gamma: auto``, at every batch size.
+# side_by_side: at most this many engines of one rule configuration run at once and take turns on
+# every repetition (vllm_cos.bench.jobs.engine_groups); 1: one engine at a time.
 # sd_batches: the batch sizes of the plain speculative decoding rows (within --batch-sizes).
 # swap_proposer: also run WE naive / alternate with the roles swapped (the small model served,
 # the large one drafting; batch 1, first prompt set): the lambda plot's second proposer choice.
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repetitions per measurement; tok/s is the best (least disturbed) one")
     p.add_argument("--prompt-sets", type=_str_list, default=None)
+    p.add_argument("--side-by-side", type=int, default=None, metavar="N",
+                   help="engines of one rule configuration started together, taking turns on every "
+                        "repetition (default: the preset's; 1: one engine at a time)")
     p.add_argument("--no-peers", action="store_true")
     p.add_argument("--no-auto", action="store_true", help="skip the gamma: auto rows")
     p.add_argument("--no-plots", action="store_true")
@@ -155,6 +161,7 @@ class Settings:
     swap_proposer: bool
     auto_gamma: bool
     sd_batches: list[int]
+    side_by_side: int
     plots: bool
     seed: int
 
@@ -178,7 +185,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         rule_temperatures=preset["rule_temperatures"] if args.temperatures is None else None,
         repeats=pick("repeats"), peer_batches=list(preset["peer_batches"]), swap_proposer=preset["swap_proposer"],
         gamma_schedules=list(preset["gamma_schedules"]), auto_gamma=preset["auto_gamma"] and not args.no_auto,
-        sd_batches=list(preset["sd_batches"]), plots=not args.no_plots, seed=args.seed)
+        sd_batches=list(preset["sd_batches"]), side_by_side=pick("side_by_side"), plots=not args.no_plots,
+        seed=args.seed)
     for name in settings.prompt_sets:
         if name not in PROMPTS:
             raise SystemExit(f"bench: unknown prompt set {name!r} (known: {', '.join(PROMPTS)})")
@@ -186,6 +194,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         raise SystemExit("bench: gammas must be >= 1")
     if any(not 0.0 < lam < 1.0 for lam in settings.lambdas):
         raise SystemExit("bench: lambdas must be in (0, 1)")
+    if settings.side_by_side < 1:
+        raise SystemExit("bench: --side-by-side must be >= 1")
     if settings.repeats < 1:
         raise SystemExit("bench: repeats must be >= 1")
     if any(b < 1 for b in settings.batch_sizes):

@@ -9,9 +9,9 @@ import time
 from dataclasses import asdict
 from typing import Sequence
 
-from vllm_cos.bench.engine_rows import run_engine_job
+from vllm_cos.bench.engine_rows import run_engine_group
 from vllm_cos.bench.environment import default_threads, load_average, maybe_reexec
-from vllm_cos.bench.jobs import _models, job_measurements, plan
+from vllm_cos.bench.jobs import _models, engine_groups, job_measurements, plan
 from vllm_cos.bench.peers import count_peer_measurements, run_peers
 from vllm_cos.bench.report import column_notes, replot, write_outputs, write_plots
 from vllm_cos.bench.rows import Row, cost_ratios, derive
@@ -69,8 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if settings.peers:  # before any engine: vLLM's CPU worker pins threads for the process
             rows += run_peers(models, settings, prompt_ids, progress, threads)
-        for job in jobs:
-            rows += run_engine_job(job, models, settings, prompt_ids, progress)
+        for group in engine_groups(jobs, settings.side_by_side):
+            rows += run_engine_group(group, models, settings, prompt_ids, progress)
     finally:
         progress.close()
     derive(rows, args.clock)
