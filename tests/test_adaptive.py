@@ -203,7 +203,8 @@ def test_an_early_too_high_verify_only_time_is_corrected():
         if k == 0 and c._last == (8, 0) and first_zero:
             seconds, first_zero = 3.0, False
         c.observe(8, k, seconds, accepted=int(8 * 0.6 * k), rejected=8 if k else 0)
-    assert c.chosen()[8] == 0 and c.buckets[8].cost[0] < 1.3
+    state = c.buckets[8]  # t(8, 0) x the pace: what a k = 0 step is expected to take now
+    assert c.chosen()[8] == 0 and state.cost[0] * state.pace < 1.3
 
 
 def test_the_first_samples_of_a_length_are_averaged_plainly():
@@ -213,6 +214,40 @@ def test_the_first_samples_of_a_length_are_averaged_plainly():
         c._last = (4, 1)
         c.observe(4, 1, seconds, accepted=0, rejected=0)
     assert c.buckets[4].cost[1] == pytest.approx(2.0)
+
+
+TRUE_COST = {0: 1.0, 1: 1.8}  # at a = 0.6: E(1)/t(1) = 1.6/1.8 = 0.89 < 1, k = 0 is best
+
+
+def _phased_run(c, slow_phase: int, quiet_phase: int, pace_of_k1: float = 1.0) -> int:
+    """k = 0 is the best length (measured); the machine then runs 1.6x slow for ``slow_phase``
+    steps and quiet for ``quiet_phase``, after which k = 1 is re-measured (two steps, the second
+    steady) at ``pace_of_k1``.  Returns the length chosen next."""
+    from vllm_cos.adaptive import _Bucket
+
+    c.acceptance = 0.6
+    c.buckets[8] = _Bucket(cost=dict(TRUE_COST), best=0, samples={0: 20, 1: 20}, steps=1, next_explore=10 ** 9)
+    c._last = (8, 0)
+    for pace in [1.6] * slow_phase + [1.0] * quiet_phase:
+        assert c.choose(8) == 0
+        c.observe(8, 0, TRUE_COST[0] * pace, accepted=0, rejected=0)
+    for _ in range(2):
+        c.observe(8, 1, TRUE_COST[1] * pace_of_k1, accepted=5, rejected=8)
+    c._last = (8, 0)
+    return c.choose(8)
+
+
+def test_a_slow_phase_does_not_make_a_re_measured_length_look_cheap():
+    """After 30 steps of k = 0 at 1.6x and 8 quiet ones, a running mean of k = 0's step times
+    still says 1.25, and k = 1 re-measured in the quiet would look better (1.6/1.8 > 1/1.25); at
+    the pace of the steps around it, it does not."""
+    c = DraftLengthController(max_drafts=1)
+    assert _phased_run(c, 30, 8) == 0
+    assert c.buckets[8].cost[1] / c.buckets[8].cost[0] == pytest.approx(1.8, rel=0.1)
+    # re-measured within the slow phase, k = 1 is as dear relative to k = 0 as in a quiet one
+    slow = DraftLengthController(max_drafts=1)
+    assert _phased_run(slow, 30, 0, pace_of_k1=1.6) == 0
+    assert slow.buckets[8].cost[1] / slow.buckets[8].cost[0] == pytest.approx(1.8, rel=0.1)
 
 
 @pytest.mark.parametrize("batch", [1, 32])

@@ -19,8 +19,17 @@ a running mean of each step's ratio: at batch 1 and k = 4, a = 0.6, a step's own
 0.41 (a step that rejects its first draft counts 0 however few drafts it tried), which once led
 the controller to stop drafting where drafting paid.  With a share ``kept`` of the drafting rows
 whose drafts are verified at all (a row whose served proposal the group changed has its drafts
-voided), E(k) = 1 + kept * (a + ... + a^k).  t(B, k) is a running mean of the wall time of steady steps (the
-previous step used the same k, so that the step verified k drafts and drafted k).  A k never
+voided), E(k) = 1 + kept * (a + ... + a^k).  t(B, k) comes from the wall times of steady steps
+(the previous step used the same k, so that the step verified k drafts and drafted k), divided
+by the bucket's *pace*.  A shared machine runs slow for tens of steps at a time (other tenants):
+with plain running means a k measured in a quiet phase looked cheaper than one measured in a
+slow phase, and the controller drafted where drafting ran at 0.85x (measured: t(8, 0) held at
+6.1 ms where the steps took 4.8 ms, its samples ranging 4.4-8 ms in phases).  So step times are
+modelled as t(B, k) x pace: the bucket's best k, which runs most, sets the pace (its t(B, k) is
+fixed after its first ``FIRST_SAMPLES`` samples and its steps update the pace, weight
+``PACE_WEIGHT``), and any other k is measured at the pace of the steps around it (a running mean,
+weight ``COST_WEIGHT``, of its step times / pace).  Only the ratios between the ks matter to the
+choice, and those compare steps taken at the same pace.  A k never
 measured in a bucket is estimated from the measured ones (linear in k).  A new bucket borrows
 the shape of t(B, k) in k from the nearest bucket (within 4x) that has measured two ks and starts
 at the k that shape makes best (no trial steps: a batch that passes through a bucket, e.g. the
@@ -40,7 +49,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-OUTLIER = 2.0  # a step-time sample counts as at most this multiple of its running mean
+OUTLIER = 2.0  # a step-time sample counts as at most this multiple of its expected time
+FIRST_SAMPLES = 3  # a k's first steady samples: a plain mean (the best k's t(B, k) is then fixed)
+COST_WEIGHT = 0.3  # weight of a new pace-normalised step time in the running t(B, k) of a k but the best
+PACE_WEIGHT = 0.3  # weight of a best-k step in the bucket's pace
 ACCEPTANCE_WINDOW = 256  # drafts tried: the acceptance estimate's memory
 PRIOR_WEIGHT = 8  # drafts tried that the prior acceptance counts for
 DONOR_RANGE = 4  # a new bucket borrows the shape of t(B, k) from a bucket at most this many x away
@@ -85,6 +97,7 @@ class _Bucket:
     explored_from: int | None = None  # the best k when the last re-measurement started
     explorations: int = 0  # re-measurements started
     samples: dict[int, int] = field(default_factory=dict)  # k -> steady steps measured
+    pace: float = 1.0  # how slow the machine runs now: step time / t(B, k) (see the module)
 
 
 @dataclass
@@ -92,7 +105,7 @@ class DraftLengthController:
     max_drafts: int
     acceptance: float = 0.7  # prior until drafts are verified
     kept: float = 1.0  # share of drafting rows whose drafts were not voided
-    smoothing: float = 0.1  # weight of a new observation in the running means
+    smoothing: float = 0.1  # weight of a new observation in the running mean of ``kept``
     explore_every: int = 32  # steps between re-measurements (doubling while confirmed, up to 16x)
     buckets: dict[int, _Bucket] = field(default_factory=dict)
     _last: tuple[int, int] | None = None  # (bucket, k) of the previous step
@@ -188,12 +201,22 @@ class DraftLengthController:
         b = bucket_of(batch)
         state = self.buckets.setdefault(b, _Bucket())
         if self._last == (b, k) and seconds > 0 and decode_only:  # steady: verified k and drafted k
-            old, n = state.cost.get(k), state.samples.get(k, 0) + 1
-            weight = max(self.smoothing, 1.0 / n)  # a plain mean of the first samples, then a running one
-            state.cost[k] = seconds if old is None else old + weight * (min(seconds, OUTLIER * old) - old)
-            state.samples[k] = n
+            _measure(state, k, seconds)
         self._last = (b, k)
 
     def chosen(self) -> dict[int, int]:
         """The current best k per batch-size bucket (for logs and metrics)."""
         return {b: s.best for b, s in sorted(self.buckets.items()) if s.best is not None}
+
+
+def _measure(state: _Bucket, k: int, seconds: float) -> None:
+    """One steady step of k drafts taking ``seconds``: past its first samples the best k's steps
+    move the pace, any other k's move its t(B, k) at that pace (see the module)."""
+    old, n = state.cost.get(k), state.samples.get(k, 0) + 1
+    state.samples[k] = n
+    if old is not None and k == state.best and n > FIRST_SAMPLES:
+        state.pace *= 1.0 + PACE_WEIGHT * (min(seconds / (old * state.pace), OUTLIER) - 1.0)
+        return
+    sample = seconds / state.pace
+    weight = max(COST_WEIGHT, 1.0 / n)  # a plain mean of the first samples, then a running one
+    state.cost[k] = sample if old is None else old + weight * (min(sample, OUTLIER * old) - old)
