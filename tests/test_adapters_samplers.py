@@ -168,3 +168,19 @@ def test_lazily_scored_drafts_are_emitted_as_drafted_and_left_to_the_proposer(ti
     drafted_from = group_raw[0, 1, 1].argmax()  # small's own (greedy) q at draft 1
     assert int(proposals.pending.proposal_probs[0, 0].argmax()) == int(drafted_from)
     assert core.stats.drafts_proposed == 1 and core.stats.drafts_accepted == 1  # the rest: the proposer's
+
+
+def test_an_all_greedy_batch_takes_the_argmax_of_its_one_hot_rows():
+    from vllm_cos.adapters.controls import RowSampling
+
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(3))
+    greedy = RowSampling(_sampling(), 4, "cpu")  # temperature None: vLLM's all_greedy flag
+    probs = greedy.probs(logits)
+    offset = torch.zeros(4, dtype=torch.long)
+    assert greedy.sample(probs, offset).tolist() == logits.argmax(-1).tolist()
+    seeded = RowSampling(_sampling(generators={1: torch.Generator().manual_seed(5)}), 4, "cpu", emitted=[0] * 4)
+    assert seeded.sample(seeded.probs(logits), offset).tolist() == logits.argmax(-1).tolist()
+    # rows that are not r's (a raw proposal q): sampled, not maximised
+    flat = torch.full((4, VOCAB), 1.0 / VOCAB)
+    draws = {tuple(greedy.sample(flat, offset, one_hot_if_greedy=False).tolist()) for _ in range(20)}
+    assert len(draws) > 1

@@ -230,9 +230,13 @@ class RowSampling:
         return apply_sampling_params(logits, rows(self.temperature), rows(self.top_k), rows(self.top_p),
                                      rows(self.min_p), self.all_greedy)
 
-    def sample(self, probs: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    def sample(self, probs: torch.Tensor, offset: torch.Tensor, one_hot_if_greedy: bool = True) -> torch.Tensor:
         """One token per request row of ``probs`` [B, V], the row of request i at output position
-        emitted[i] + ``offset[i]`` (a seeded row races there; see :mod:`vllm_cos.coupling`)."""
+        emitted[i] + ``offset[i]`` (a seeded row races there; see :mod:`vllm_cos.coupling`).  In an
+        all-greedy batch, rows from :meth:`probs` are one-hot: the token is their argmax, seeded
+        or not (``one_hot_if_greedy`` False: ``probs`` came from elsewhere, sample them)."""
+        if self.all_greedy and one_hot_if_greedy:
+            return probs.argmax(dim=-1)
         token = sample_from_probs(probs, torch.rand(probs.shape[0], dtype=torch.float64, device=probs.device))
         if self.seeded is None:
             return token

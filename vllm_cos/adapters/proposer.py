@@ -28,7 +28,8 @@ vLLM internals touched: ``DraftModelProposer`` / ``SpecDecodeBaseProposer`` (``l
 ``_get_slot_mapping``, ``_update_positions_dependent_metadata``; attributes ``model``,
 ``input_ids``, ``positions``, ``arange``, ``token_arange_np``, ``block_size``,
 ``num_speculative_tokens``, ``vllm_config``), runner attributes (``rejection_sampler``,
-``sampler``, ``input_batch.req_ids``, ``use_async_scheduling``, ``_input_fits_in_drafter``),
+``sampler``, ``input_batch.req_ids``, ``use_async_scheduling``, ``_input_fits_in_drafter``,
+``discard_request_mask.np``),
 ``set_forward_context``, ``set_model_tag``, ``get_model``, ``get_tensor_model_parallel_rank`` (only
 tensor-parallel rank 0 publishes metrics and answers ``cos_stats``: every rank counts the same tokens).
 """
@@ -261,7 +262,7 @@ class CoSProposerMixin:
         for j in range(gamma):
             group_logits = self.model.member_logits(last_hidden, members[j])  # [M, B, V]
             q = core.proposal_probs(group_logits[core.plan[j]], sampling)
-            token = sampling.sample(q, first_offset + j)
+            token = sampling.sample(q, first_offset + j, one_hot_if_greedy=core.proposal_mode != "raw")
             draft_ids.append(token)
             member_logits.append(group_logits)
             if j + 1 < gamma:
@@ -345,11 +346,16 @@ class CoSProposerMixin:
         return drafts
 
     def _uncount_discarded(self, step, batch: int) -> None:
-        """Partial prefill chunks emitted nothing after all."""
-        if step.discard is not None:
-            discarded = step.discard[:batch].bool().sum()
-            self.cos_core.stats.add("tokens_emitted", -discarded)
-            self.cos_core.stats.add("row_steps", -discarded)
+        """Partial prefill chunks emitted nothing after all (counted from the runner's host copy
+        of the mask when it has one: no device read, and nothing to add in a decode step)."""
+        if step.discard is None:
+            return
+        host = getattr(getattr(self.cos_runner, "discard_request_mask", None), "np", None)
+        discarded = int(host[:batch].sum()) if host is not None else step.discard[:batch].bool().sum()
+        if isinstance(discarded, int) and not discarded:
+            return
+        self.cos_core.stats.add("tokens_emitted", -discarded)
+        self.cos_core.stats.add("row_steps", -discarded)
 
     def _draft_length(self, batch: int, max_drafts: int, query_len: int) -> int:
         """This step's number of drafts: fixed, or chosen from measured cost and acceptance (a
