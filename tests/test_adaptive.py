@@ -173,6 +173,23 @@ def test_a_new_bucket_borrows_a_near_buckets_shape_and_runs_no_trial():
     assert c.estimated_cost(16, 4) == pytest.approx(0.6 * c.estimated_cost(32, 4) / c.estimated_cost(32, 0))
 
 
+def test_a_borrowed_shape_that_drafts_measures_zero_drafts_first():
+    # bucket 8 learnt that drafting pays (cheap drafts); at batch 32 drafts are dear (t = 1 + k,
+    # a = 0.6: k = 0 is best), but bucket 32 starts from bucket 8's shape at k > 0.  It measures
+    # k = 0 after its best k's first samples, not after explore_every steps, and switches.
+    c = DraftLengthController(max_drafts=4, explore_every=10 ** 9)
+    _simulate(c, 8, lambda k: 1.0 + 0.1 * k, acceptance=0.6, steps=40)
+    first = c.chosen()[8]
+    assert first > 0
+    ks = []
+    for _ in range(10):
+        k = c.choose(32)
+        ks.append(k)  # 32 rows at a = 0.6: accepted a + ... + a^k each, rejected 1 - a^k of them
+        c.observe(32, k, 1.0 + k, accepted=round(32 * sum(0.6 ** j for j in range(1, k + 1))),
+                  rejected=round(32 * (1 - 0.6 ** k)))
+    assert ks[0] == first and 0 in ks[:7] and ks[-1] == 0 and c.chosen()[32] == 0
+
+
 def test_no_donor_farther_than_four_times_the_batch():
     c = DraftLengthController(max_drafts=4, explore_every=10 ** 9)
     _simulate(c, 1, lambda k: 1.0 + 0.1 * k, acceptance=0.9, steps=20)
