@@ -351,9 +351,12 @@ class CoSProposerMixin:
         if step.discard is None:
             return
         host = getattr(getattr(self.cos_runner, "discard_request_mask", None), "np", None)
-        discarded = int(host[:batch].sum()) if host is not None else step.discard[:batch].bool().sum()
-        if isinstance(discarded, int) and not discarded:
-            return
+        if host is None:  # a runner without the host copy: count on the device
+            discarded = step.discard[:batch].bool().sum()
+        else:
+            discarded = int(host[:batch].sum())
+            if not discarded:
+                return
         self.cos_core.stats.add("tokens_emitted", -discarded)
         self.cos_core.stats.add("row_steps", -discarded)
 

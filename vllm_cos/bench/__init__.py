@@ -85,7 +85,7 @@ from vllm_cos.bench.jobs import (  # noqa: F401
 )
 from vllm_cos.bench.engine_rows import (  # noqa: F401
     cos_counters, Engine, ENGINE_KWARGS, generate_timed, KV_CACHE_BYTES, measure_side_by_side, run_engine_group,
-    run_engine_job, SpecCounts, start_engine, _diff,
+    SpecCounts, start_engine, _diff,
 )
 from vllm_cos.bench.peers import (  # noqa: F401
     count_peer_measurements, hf_ensemble_available, MIXTURE_LAMBDA, MIXTURE_TEMPERATURE, run_hf_ensemble_peer,

@@ -236,8 +236,3 @@ def run_engine_group(group: list[EngineJob], models: dict, settings: Settings, p
         for engine in engines:
             shutdown_llm(engine.llm)
     return [row for job in group for row in rows[job.label]]
-
-
-def run_engine_job(job: EngineJob, models: dict, settings: Settings, prompt_ids: dict, progress) -> list[Row]:
-    """One engine on its own (a group of one)."""
-    return run_engine_group([job], models, settings, prompt_ids, progress)
